@@ -1,0 +1,43 @@
+# sparsekit: `make demo` and `make test` do all set-up on a fresh clone.
+#   make demo    venv + torch + build, then a short demonstration
+#   make test    venv + torch + build, then the whole test suite
+#   make bench   venv + torch + build, then the benchmarks (bench/, pytest-benchmark)
+#   make build   (re)build the extension only; incremental (ninja, objects in build/temp)
+#   make check-cpu-torch   build and test against the CPU-only torch wheel in .venv-cpu
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.14.1
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEV_DEPS := pytest hypothesis pytest-benchmark ninja numpy setuptools wheel tqdm matplotlib
+
+.PHONY: demo test bench build setup check-cpu-torch clean
+
+$(VENV)/.setup-done:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet $(DEV_DEPS)
+	touch $@
+
+setup: $(VENV)/.setup-done
+
+build: setup
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+
+demo: build
+	$(PY) -m sparsekit demo
+
+test: build
+	$(PY) -m pytest tests -q
+
+bench: build
+	$(PY) -m pytest bench --benchmark-only -q
+	$(PY) bench/report.py
+
+# Once by hand (not in CI): C++-only build and CPU tests on the CPU torch wheel.
+check-cpu-torch:
+	$(MAKE) VENV=.venv-cpu TORCH_VERSION=2.13.0 test
+
+clean:
+	rm -rf build sparsekit/_C*.so sparsekit/_build_config.py

@@ -1,0 +1,62 @@
+// Op schemas of the sparsekit namespace (the one place they are declared) and a small
+// pybind11 module reporting how this extension was built. Kernels register per device in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu (TORCH_LIBRARY_IMPL).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef SPARSEKIT_TORCH_VERSION
+#error "setup.py defines SPARSEKIT_TORCH_VERSION (the torch this extension is built against)"
+#endif
+#ifndef SPARSEKIT_CUDA_VERSION
+#define SPARSEKIT_CUDA_VERSION ""
+#endif
+#ifndef SPARSEKIT_CUDA_ARCH_LIST
+#define SPARSEKIT_CUDA_ARCH_LIST ""
+#endif
+
+TORCH_LIBRARY(sparsekit, lib) {
+  // Boolean N:M mask along the last dim of a 2-D score matrix: the n largest of every m.
+  lib.def("nm_mask(Tensor scores, int n, int m) -> Tensor");
+  // Dense 2-D N:M matrix -> (values, metadata) in the canonical format (DESIGN.md).
+  lib.def("nm_compress(Tensor w, int n, int m) -> (Tensor, Tensor)");
+  // (values, metadata) -> dense [rows, k].
+  lib.def("nm_decompress(Tensor values, Tensor metadata, int k, int n, int m) -> Tensor");
+}
+
+namespace {
+
+py::list cpu_isa_available() {
+  py::list out;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out.append("avx2");
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) out.append("avx512");
+  return out;
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["torch_version"] = SPARSEKIT_TORCH_VERSION;
+#ifdef SPARSEKIT_WITH_CUDA
+  info["with_cuda"] = true;
+  info["cuda_version"] = SPARSEKIT_CUDA_VERSION;
+  info["cuda_arch_list"] = SPARSEKIT_CUDA_ARCH_LIST;
+#else
+  info["with_cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["cuda_arch_list"] = py::none();
+#endif
+  // CPU kernels compiled into this build; later variants (AVX2/AVX-512) add themselves here.
+  py::list compiled;
+  compiled.append("scalar");
+  info["cpu_isa_compiled"] = compiled;
+  info["cpu_isa_available"] = cpu_isa_available();
+  info["compiler"] = __VERSION__;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sparsekit compiled kernels; the ops live under torch.ops.sparsekit";
+  m.def("build_info", &build_info, "How this extension was built (versions, kernels, ISAs).");
+}

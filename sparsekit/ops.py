@@ -1,0 +1,128 @@
+"""The sparsekit custom ops: schemas, per-device kernels, fake impls, dispatch.
+
+Schemas are declared once in C++ (csrc/sparsekit.cpp). Each device registers its kernel
+there (CPU in csrc/cpu, CUDA in csrc/cuda). This module adds, for every op:
+  - the plain-torch reference as the CompositeExplicitAutograd kernel, which the dispatcher
+    uses for any device without a kernel of its own (and for all devices when the
+    extension is not built: the schemas are then declared here, identically);
+  - a fake (meta) implementation, so torch.compile(fullgraph=True) traces through.
+`explain(op, *args)` tells which implementation a call would run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ext, reference
+
+__all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "explain", "registered_kernels"]
+
+NAMESPACE = "sparsekit"
+
+# Must equal the TORCH_LIBRARY block in csrc/sparsekit.cpp (a test compares them).
+SCHEMAS = {
+    "nm_mask": "nm_mask(Tensor scores, int n, int m) -> Tensor",
+    "nm_compress": "nm_compress(Tensor w, int n, int m) -> (Tensor, Tensor)",
+    "nm_decompress": "nm_decompress(Tensor values, Tensor metadata, int k, int n, int m) -> Tensor",
+}
+
+_REFERENCE = {
+    "nm_mask": reference.nm_mask,
+    "nm_compress": reference.nm_compress,
+    "nm_decompress": reference.nm_decompress,
+}
+
+
+def _schema_exists(name: str) -> bool:
+    try:
+        torch._C._get_schema(f"{NAMESPACE}::{name}", "")
+    except RuntimeError:
+        return False
+    return True
+
+
+_lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+for _name, _schema in SCHEMAS.items():
+    if not _schema_exists(_name):
+        _lib.define(_schema)
+    _lib.impl(_name, _REFERENCE[_name], "CompositeExplicitAutograd")
+
+
+def _groups(k, m):
+    return (k + m - 1) // m
+
+
+@torch.library.register_fake(f"{NAMESPACE}::nm_mask")
+def _nm_mask_fake(scores, n, m):
+    torch._check(scores.dim() == 2, lambda: f"scores must be 2-D, got {scores.dim()}-D")
+    return scores.new_empty(scores.shape, dtype=torch.bool)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::nm_compress")
+def _nm_compress_fake(w, n, m):
+    torch._check(w.dim() == 2, lambda: f"w must be 2-D, got {w.dim()}-D")
+    rows, k = w.shape
+    per_row = _groups(k, m) * n
+    meta_bytes = (per_row * reference.index_bits(m) + 7) // 8
+    return w.new_empty((rows, per_row)), w.new_empty((rows, meta_bytes), dtype=torch.uint8)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::nm_decompress")
+def _nm_decompress_fake(values, metadata, k, n, m):
+    torch._check(values.dim() == 2, lambda: f"values must be 2-D, got {values.dim()}-D")
+    torch._check(
+        values.shape[1] == _groups(k, m) * n,
+        lambda: f"values must have {_groups(k, m) * n} columns for k={k} and {n}:{m}",
+    )
+    return values.new_empty((values.shape[0], k))
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask of the n largest scores in every m along the last dim of a 2-D tensor."""
+    return torch.ops.sparsekit.nm_mask(scores, n, m)
+
+
+def nm_compress(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, metadata) of a 2-D N:M matrix in the canonical compressed form."""
+    return torch.ops.sparsekit.nm_compress(w, n, m)
+
+
+def nm_decompress(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, m: int) -> torch.Tensor:
+    """Dense [rows, k] matrix from the canonical compressed form."""
+    return torch.ops.sparsekit.nm_decompress(values, metadata, k, n, m)
+
+
+def _dispatch_key(device: torch.device) -> str:
+    return {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device.type, device.type.upper())
+
+
+def registered_kernels() -> dict[str, list[str]]:
+    """For each op, the dispatch keys that have a compiled kernel of their own."""
+    keys = ("CPU", "CUDA")
+    return {
+        name: [key for key in keys
+               if torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", key)]
+        for name in SCHEMAS
+    }
+
+
+def explain(op: str, *args) -> str:
+    """Says which implementation `torch.ops.sparsekit.<op>(*args)` would run, and why.
+
+    >>> explain("nm_compress", torch.randn(8, 16))
+    'sparsekit::nm_compress on cpu (float32): compiled CPU kernel (sparsekit._C)'
+    """
+    if op not in SCHEMAS:
+        raise ValueError(f"op must be one of {sorted(SCHEMAS)}, got {op!r}")
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors:
+        raise ValueError("args must include at least one tensor (it decides the device)")
+    device, dtype = tensors[0].device, tensors[0].dtype
+    key = _dispatch_key(device)
+    head = f"{NAMESPACE}::{op} on {device.type} ({str(dtype).replace('torch.', '')})"
+    if key == "Meta":
+        return f"{head}: fake implementation (shapes only)"
+    if torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key):
+        return f"{head}: compiled {key} kernel (sparsekit._C)"
+    why = _ext.LOAD_ERROR or f"no {key} kernel is built"
+    return f"{head}: plain-torch reference (sparsekit.reference; {why})"

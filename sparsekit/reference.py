@@ -1,0 +1,120 @@
+"""Plain-torch reference of every sparsekit op: the oracle that kernels are tested against,
+and the fallback that keeps the library usable where no kernel is built.
+
+Written for clarity, not speed. Layout conventions are those of DESIGN.md's canonical
+compressed N:M format (see sparsekit.format).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["index_bits", "nm_mask", "nm_compress", "nm_decompress", "pack_bits", "unpack_bits"]
+
+
+def index_bits(m: int) -> int:
+    """Bits per kept index for groups of m: ceil(log2 m)."""
+    return (m - 1).bit_length()
+
+
+def _pad_last(t: torch.Tensor, m: int, value) -> torch.Tensor:
+    pad = (-t.shape[-1]) % m
+    if pad == 0:
+        return t
+    return torch.nn.functional.pad(t, (0, pad), value=value)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask keeping the n largest scores in every m consecutive entries of each row.
+
+    Ties go to the lower index (a stable descending sort). A last group shorter than m is
+    padded with -inf, so it keeps min(n, its length) entries. NaN scores raise ValueError.
+    """
+    if torch.isnan(scores).any():
+        where = torch.nonzero(torch.isnan(scores))[0].tolist()
+        raise ValueError(
+            f"scores contain NaN (first at row {where[0]}, column {where[1]}); "
+            "N:M selection needs comparable scores"
+        )
+    rows, k = scores.shape
+    groups = -(-k // m)
+    s = _pad_last(scores.to(torch.float64), m, float("-inf")).view(rows, groups, m)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros_like(s, dtype=torch.bool)
+    keep.scatter_(-1, order[..., :n], True)
+    return keep.view(rows, groups * m)[:, :k].contiguous()
+
+
+def pack_bits(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packs integer fields [rows, F] (each < 2**bits) little-endian into uint8 [rows, B]."""
+    rows, count = fields.shape
+    shifts = torch.arange(bits, device=fields.device)
+    stream = ((fields.to(torch.int64).unsqueeze(-1) >> shifts) & 1).reshape(rows, count * bits)
+    stream = _pad_last(stream, 8, 0).view(rows, -(-count * bits // 8), 8)
+    weights = 1 << torch.arange(8, device=fields.device)
+    return (stream * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of pack_bits: uint8 [rows, B] -> int64 fields [rows, count]."""
+    rows = packed.shape[0]
+    shifts = torch.arange(8, device=packed.device)
+    stream = ((packed.to(torch.int64).unsqueeze(-1) >> shifts) & 1).reshape(rows, packed.shape[1] * 8)
+    stream = stream[:, : count * bits].reshape(rows, count, bits)
+    weights = 1 << torch.arange(bits, device=packed.device)
+    return (stream * weights).sum(-1)
+
+
+def nm_compress(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense N:M matrix [rows, K] -> (values [rows, G*n], metadata uint8) (canonical form).
+
+    Raises ValueError naming the first (row, group) holding more than n nonzeros.
+    """
+    rows, k = w.shape
+    groups = -(-k // m)
+    wp = _pad_last(w, m, 0).view(rows, groups, m)
+    nonzero = wp != 0  # -0.0 counts as zero
+    counts = nonzero.sum(-1)
+    if (counts > n).any():
+        row, group = torch.nonzero(counts > n)[0].tolist()
+        hi = min(group * m + m, k) - 1
+        raise ValueError(
+            f"w is not {n}:{m} sparse: row {row}, group {group} (columns {group * m}..{hi}) "
+            f"holds {counts[row, group].item()} nonzeros, more than {n}; prune it first "
+            "(sparsekit.masks.nm, or compress(..., prune=True))"
+        )
+    # Nonzeros first, then the lowest unused indices; the kept set is then read in order.
+    position = torch.arange(m, device=w.device)
+    priority = nonzero.to(torch.int64) * m + (m - 1 - position)
+    idx = torch.topk(priority, n, dim=-1).indices.sort(dim=-1).values
+    values = torch.gather(wp, -1, idx).reshape(rows, groups * n)
+    metadata = pack_bits(idx.reshape(rows, groups * n), index_bits(m))
+    return values.contiguous(), metadata
+
+
+def nm_decompress(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, m: int) -> torch.Tensor:
+    """(values, metadata) in the canonical form -> dense [rows, k].
+
+    Raises ValueError naming the first (row, group) whose metadata is not canonical.
+    """
+    rows = values.shape[0]
+    groups = -(-k // m)
+    idx = unpack_bits(metadata, index_bits(m), groups * n).view(rows, groups, n)
+    vals = values.view(rows, groups, n)
+    bad = (idx >= m).any(-1)
+    if n > 1:
+        bad |= (idx[..., 1:] <= idx[..., :-1]).any(-1)
+    group_start = torch.arange(groups, device=values.device).view(1, groups, 1) * m
+    in_padding = group_start + idx >= k
+    bad |= (in_padding & (vals != 0)).any(-1)
+    if bad.any():
+        row, group = torch.nonzero(bad)[0].tolist()
+        hi = min(group * m + m, k) - 1
+        raise ValueError(
+            f"metadata is corrupt at row {row}, group {group} (columns {group * m}..{hi}): "
+            f"kept indices must be strictly increasing, below m={m}, and padding beyond "
+            f"k={k} must hold zeros"
+        )
+    dense = torch.zeros(rows, groups, m, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, idx, vals)
+    return dense.view(rows, groups * m)[:, :k].contiguous()
