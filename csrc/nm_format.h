@@ -127,6 +127,50 @@ struct BitReader {
   }
 };
 
+// 2:4 fast path: the canonical kept pair of a group as a function of its nonzero mask
+// (4 bits -> nibble idx0 | idx1 << 2), 16 nibbles packed in one 64-bit constant so host
+// and device code share it without a table in memory. Masks with 3+ nonzeros map to 0.
+constexpr uint64_t make_2_4_lut() {
+  uint64_t lut = 0;
+  for (uint32_t nz = 0; nz < 16; ++nz) {
+    uint32_t keep = nz;
+    int have = __builtin_popcount(nz);
+    if (have > 2) continue;
+    for (; have < 2; ++have) keep |= ~keep & (keep + 1u);
+    const uint32_t i0 = __builtin_ctz(keep), i1 = __builtin_ctz(keep & (keep - 1u));
+    lut |= static_cast<uint64_t>(i0 | (i1 << 2)) << (4 * nz);
+  }
+  return lut;
+}
+
+// Compresses a full 2:4 group (4 real columns). Returns false if it holds 3+ nonzeros.
+template <typename Bits>
+SK_HOST_DEVICE bool compress_group_2_4(const Bits* in, Bits* out, uint32_t& nibble) {
+  constexpr uint64_t kLut = make_2_4_lut();
+  const uint32_t nz = static_cast<uint32_t>(is_nonzero(in[0])) |
+                      static_cast<uint32_t>(is_nonzero(in[1])) << 1 |
+                      static_cast<uint32_t>(is_nonzero(in[2])) << 2 |
+                      static_cast<uint32_t>(is_nonzero(in[3])) << 3;
+  nibble = static_cast<uint32_t>(kLut >> (4 * nz)) & 0xFu;
+  out[0] = in[nibble & 3u];
+  out[1] = in[nibble >> 2];
+  return popcount32(nz) <= 2;
+}
+
+// Decompresses a full 2:4 group. Returns false unless idx0 < idx1 (canonical metadata).
+template <typename Bits>
+SK_HOST_DEVICE bool decompress_group_2_4(const Bits* in, uint32_t nibble, Bits* out) {
+  const uint32_t i0 = nibble & 3u, i1 = nibble >> 2;
+  Bits group[4] = {Bits(0), Bits(0), Bits(0), Bits(0)};
+  group[i0] = in[0];
+  group[i1] = in[1];
+  out[0] = group[0];
+  out[1] = group[1];
+  out[2] = group[2];
+  out[3] = group[3];
+  return i0 < i1;
+}
+
 // Compresses one chunk of one row. `row` points at the dense row (K entries), `vals` and
 // `meta` at the row's values / metadata. Returns -1, or the index (within the row) of the
 // first group holding more than N nonzeros; nothing is written for that group onwards.
@@ -140,6 +184,17 @@ SK_HOST_DEVICE int64_t compress_chunk(const Bits* row, Bits* vals, uint8_t* meta
   const int64_t g0 = chunk * L.chunk_groups;
   int64_t g1 = g0 + L.chunk_groups;
   if (g1 > L.groups) g1 = L.groups;
+  if constexpr (kN == 2 && kM == 4) {
+    if (g1 * 4 <= L.k && g1 - g0 == 2) {  // a full byte of two full groups
+      uint32_t lo, hi;
+      const bool ok0 = compress_group_2_4(row + g0 * 4, vals + g0 * 2, lo);
+      const bool ok1 = compress_group_2_4(row + g0 * 4 + 4, vals + g0 * 2 + 2, hi);
+      if (!ok0) return g0;
+      if (!ok1) return g0 + 1;
+      meta[g0 / 2] = static_cast<uint8_t>(lo | (hi << 4));
+      return -1;
+    }
+  }
   // A chunk starts on a byte boundary: (g0 * n * bits) is a multiple of 8.
   BitWriter writer(meta + (g0 * n * bits) / 8);
   for (int64_t g = g0; g < g1; ++g) {
@@ -175,6 +230,16 @@ SK_HOST_DEVICE int64_t decompress_chunk(const Bits* vals, const uint8_t* meta, B
   const int64_t g0 = chunk * L.chunk_groups;
   int64_t g1 = g0 + L.chunk_groups;
   if (g1 > L.groups) g1 = L.groups;
+  if constexpr (kN == 2 && kM == 4) {
+    if (g1 * 4 <= L.k && g1 - g0 == 2) {
+      const uint32_t byte = meta[g0 / 2];
+      const bool ok0 = decompress_group_2_4(vals + g0 * 2, byte & 0xFu, row + g0 * 4);
+      const bool ok1 = decompress_group_2_4(vals + g0 * 2 + 2, byte >> 4, row + g0 * 4 + 4);
+      if (!ok0) return g0;
+      if (!ok1) return g0 + 1;
+      return -1;
+    }
+  }
   BitReader reader(meta + (g0 * n * bits) / 8);
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t base = g * m;
@@ -198,15 +263,17 @@ SK_HOST_DEVICE int64_t decompress_chunk(const Bits* vals, const uint8_t* meta, B
   return -1;
 }
 
-// N:M mask of one group: keep the N largest scores, ties to the lower index. Scores are
+// N:M mask of one group: keep the N largest scores (of |scores| if `absolute`), ties to the
+// lower index. Scores are
 // compared in `Acc` (float, or double for fp64). Entries beyond K are absent (as -inf
 // padding would be, since padding sits after every real entry). Returns -1, or the column
 // offset inside the group of the first NaN.
 template <typename T, typename Acc>
-SK_HOST_DEVICE int nm_mask_group(const T* scores, bool* keep, int width, int n) {
+SK_HOST_DEVICE int nm_mask_group(const T* scores, bool* keep, int width, int n, bool absolute) {
   Acc s[kMaxM];
   for (int i = 0; i < width; ++i) {
     s[i] = static_cast<Acc>(scores[i]);
+    if (absolute && s[i] < Acc(0)) s[i] = -s[i];
     if (s[i] != s[i]) return i;
   }
   for (int i = 0; i < width; ++i) {

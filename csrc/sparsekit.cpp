@@ -15,8 +15,9 @@
 #endif
 
 TORCH_LIBRARY(sparsekit, lib) {
-  // Boolean N:M mask along the last dim of a 2-D score matrix: the n largest of every m.
-  lib.def("nm_mask(Tensor scores, int n, int m) -> Tensor");
+  // Boolean N:M mask along the last dim of a 2-D score matrix: the n largest of every m
+  // (of |scores| when absolute, which saves magnitude pruning a pass over the weight).
+  lib.def("nm_mask(Tensor scores, int n, int m, bool absolute=False) -> Tensor");
   // Dense 2-D N:M matrix -> (values, metadata) in the canonical format (DESIGN.md).
   lib.def("nm_compress(Tensor w, int n, int m) -> (Tensor, Tensor)");
   // (values, metadata) -> dense [rows, k].

@@ -21,7 +21,7 @@ NAMESPACE = "sparsekit"
 
 # Must equal the TORCH_LIBRARY block in csrc/sparsekit.cpp (a test compares them).
 SCHEMAS = {
-    "nm_mask": "nm_mask(Tensor scores, int n, int m) -> Tensor",
+    "nm_mask": "nm_mask(Tensor scores, int n, int m, bool absolute=False) -> Tensor",
     "nm_compress": "nm_compress(Tensor w, int n, int m) -> (Tensor, Tensor)",
     "nm_decompress": "nm_decompress(Tensor values, Tensor metadata, int k, int n, int m) -> Tensor",
 }
@@ -53,7 +53,7 @@ def _groups(k, m):
 
 
 @torch.library.register_fake(f"{NAMESPACE}::nm_mask")
-def _nm_mask_fake(scores, n, m):
+def _nm_mask_fake(scores, n, m, absolute=False):
     torch._check(scores.dim() == 2, lambda: f"scores must be 2-D, got {scores.dim()}-D")
     return scores.new_empty(scores.shape, dtype=torch.bool)
 
@@ -77,9 +77,10 @@ def _nm_decompress_fake(values, metadata, k, n, m):
     return values.new_empty((values.shape[0], k))
 
 
-def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Bool mask of the n largest scores in every m along the last dim of a 2-D tensor."""
-    return torch.ops.sparsekit.nm_mask(scores, n, m)
+def nm_mask(scores: torch.Tensor, n: int, m: int, absolute: bool = False) -> torch.Tensor:
+    """Bool mask of the n largest scores (|scores| if absolute) in every m along the last
+    dim of a 2-D tensor; ties go to the lower index."""
+    return torch.ops.sparsekit.nm_mask(scores, n, m, absolute)
 
 
 def nm_compress(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,8 +24,9 @@ def _pad_last(t: torch.Tensor, m: int, value) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, pad), value=value)
 
 
-def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Bool mask keeping the n largest scores in every m consecutive entries of each row.
+def nm_mask(scores: torch.Tensor, n: int, m: int, absolute: bool = False) -> torch.Tensor:
+    """Bool mask keeping the n largest scores (|scores| if absolute) in every m consecutive
+    entries of each row.
 
     Ties go to the lower index (a stable descending sort). A last group shorter than m is
     padded with -inf, so it keeps min(n, its length) entries. NaN scores raise ValueError.
@@ -36,6 +37,8 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
             f"scores contain NaN (first at row {where[0]}, column {where[1]}); "
             "N:M selection needs comparable scores"
         )
+    if absolute:
+        scores = scores.abs()
     rows, k = scores.shape
     groups = -(-k // m)
     s = _pad_last(scores.to(torch.float64), m, float("-inf")).view(rows, groups, m)

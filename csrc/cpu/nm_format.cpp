@@ -21,6 +21,21 @@ void atomic_min(std::atomic<int64_t>& target, int64_t v) {
   }
 }
 
+// Visits flat chunk indices [begin, end) as (row, chunk) pairs, one division per range;
+// stops early when f returns false (an error was recorded).
+template <typename F>
+void for_each_chunk(const NMLayout& L, int64_t begin, int64_t end, F&& f) {
+  if (begin >= end) return;
+  int64_t r = begin / L.chunks_per_row, chunk = begin % L.chunks_per_row;
+  for (int64_t c = begin; c < end; ++c) {
+    if (!f(r, chunk)) return;
+    if (++chunk == L.chunks_per_row) {
+      chunk = 0;
+      ++r;
+    }
+  }
+}
+
 // Grain: enough chunks per task that scheduling costs little next to the memory traffic.
 int64_t grain_for(int64_t chunk_groups, int64_t m) {
   return std::max<int64_t>(1, 32768 / (chunk_groups * m));
@@ -44,16 +59,13 @@ std::tuple<at::Tensor, at::Tensor> nm_compress_cpu(const at::Tensor& dense_in, i
     dispatch_pattern(n, m, [&](auto kN, auto kM) {
       const int64_t total = rows * L.chunks_per_row;
       at::parallel_for(0, total, grain_for(L.chunk_groups, m), [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          const int64_t r = c / L.chunks_per_row, chunk = c % L.chunks_per_row;
+        for_each_chunk(L, begin, end, [&](int64_t r, int64_t chunk) {
           const int64_t g = compress_chunk<Bits, kN.value, kM.value>(
               src + r * L.k, vals + r * L.values_per_row, meta + r * L.meta_bytes_per_row, L,
               chunk);
-          if (g >= 0) {
-            atomic_min(bad, r * L.groups + g);
-            return;
-          }
-        }
+          if (g >= 0) atomic_min(bad, r * L.groups + g);
+          return g < 0;
+        });
       });
     });
   });
@@ -77,16 +89,13 @@ at::Tensor nm_decompress_cpu(const at::Tensor& values_in, const at::Tensor& meta
     dispatch_pattern(n, m, [&](auto kN, auto kM) {
       const int64_t total = rows * L.chunks_per_row;
       at::parallel_for(0, total, grain_for(L.chunk_groups, m), [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          const int64_t r = c / L.chunks_per_row, chunk = c % L.chunks_per_row;
+        for_each_chunk(L, begin, end, [&](int64_t r, int64_t chunk) {
           const int64_t g = decompress_chunk<Bits, kN.value, kM.value>(
               vals + r * L.values_per_row, meta + r * L.meta_bytes_per_row, dst + r * L.k, L,
               chunk);
-          if (g >= 0) {
-            atomic_min(bad, r * L.groups + g);
-            return;
-          }
-        }
+          if (g >= 0) atomic_min(bad, r * L.groups + g);
+          return g < 0;
+        });
       });
     });
   });
@@ -94,7 +103,95 @@ at::Tensor nm_decompress_cpu(const at::Tensor& values_in, const at::Tensor& meta
   return dense;
 }
 
-at::Tensor nm_mask_cpu(const at::Tensor& scores_in, int64_t n, int64_t m) {
+// 2:4 over a flat run of full groups (rows of K % 4 == 0 are one flat array of groups).
+// Branch-free ranks: entry i is kept if fewer than 2 entries beat it (a tie goes to the
+// lower index). Returns false if the run holds a NaN (the caller then locates it).
+template <typename T, typename Acc, bool kAbs>
+bool nm_mask_2_4_run(const T* __restrict__ src, bool* __restrict__ dst, int64_t g0, int64_t g1) {
+  bool nan = false;
+  for (int64_t g = g0; g < g1; ++g) {
+    const T* p = src + 4 * g;
+    Acc a = static_cast<Acc>(p[0]), b = static_cast<Acc>(p[1]);
+    Acc c = static_cast<Acc>(p[2]), d = static_cast<Acc>(p[3]);
+    if constexpr (kAbs) {
+      a = std::abs(a), b = std::abs(b), c = std::abs(c), d = std::abs(d);
+    }
+    nan |= (a != a) | (b != b) | (c != c) | (d != d);
+    const int ra = (b > a) + (c > a) + (d > a);
+    const int rb = (a >= b) + (c > b) + (d > b);
+    const int rc = (a >= c) + (b >= c) + (d > c);
+    const int rd = (a >= d) + (b >= d) + (c >= d);
+    bool* q = dst + 4 * g;
+    q[0] = ra < 2, q[1] = rb < 2, q[2] = rc < 2, q[3] = rd < 2;
+  }
+  return !nan;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#define SPARSEKIT_X86 1
+#include <immintrin.h>
+
+// AVX2 2:4 mask for fp32, 8 groups (32 floats) per step, compiled for AVX2 by attribute and
+// chosen at run time (cpu_has_avx2). Each 128-bit lane holds one group, so in-lane permutes
+// line every entry up against the other three. Entry i is beaten by the entry s places on
+// (mod 4) if that one is larger, or equal and at a lower index (the rotation wrapped).
+// Kept iff beaten fewer than 2 times. Returns false on NaN.
+#define SK_AVX2 __attribute__((target("avx2"), always_inline)) inline
+
+// -1 in the lanes of v beaten by the rotated r (larger, or equal and wrapped = lower index).
+SK_AVX2 __m256i beats_2_4(__m256 r, __m256 v, __m256 wrap) {
+  return _mm256_castps_si256(_mm256_or_ps(_mm256_cmp_ps(r, v, _CMP_GT_OQ),
+                                          _mm256_and_ps(_mm256_cmp_ps(r, v, _CMP_EQ_OQ), wrap)));
+}
+
+// int32 -1 where kept, for the 8 floats (2 groups) at p; ORs NaN lanes into `nan`.
+SK_AVX2 __m256i keep8_2_4(const float* p, __m256 no_sign, __m256& nan) {
+  // Lanes (i = 0..3 per group) where the rotation by s wrapped, i.e. (i + s) % 4 < i.
+  const __m256 wrap1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, -1, 0, 0, 0, -1));
+  const __m256 wrap2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
+  const __m256 wrap3 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, -1, -1, 0, -1, -1, -1));
+  const __m256 v = _mm256_and_ps(_mm256_loadu_ps(p), no_sign);
+  nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i rank = _mm256_add_epi32(
+      _mm256_add_epi32(beats_2_4(_mm256_permute_ps(v, _MM_SHUFFLE(0, 3, 2, 1)), v, wrap1),
+                       beats_2_4(_mm256_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)), v, wrap2)),
+      beats_2_4(_mm256_permute_ps(v, _MM_SHUFFLE(2, 1, 0, 3)), v, wrap3));
+  return _mm256_cmpgt_epi32(rank, _mm256_set1_epi32(-2));  // fewer than 2 wins (-1 each)
+}
+
+__attribute__((target("avx2"))) bool nm_mask_2_4_avx2(const float* __restrict__ src,
+                                                     bool* __restrict__ dst, int64_t g0,
+                                                     int64_t g1, bool absolute) {
+  const __m256 no_sign = _mm256_castsi256_ps(_mm256_set1_epi32(absolute ? 0x7FFFFFFF : -1));
+  __m256 nan = _mm256_setzero_ps();
+  int64_t g = g0;
+  for (; g + 8 <= g1; g += 8) {
+    const float* p = src + 4 * g;
+    const __m256i k0 = keep8_2_4(p, no_sign, nan), k1 = keep8_2_4(p + 8, no_sign, nan);
+    const __m256i k2 = keep8_2_4(p + 16, no_sign, nan), k3 = keep8_2_4(p + 24, no_sign, nan);
+    // 32 int32 masks -> 32 bytes of 0/1, in order (packs interleave 128-bit lanes).
+    const __m256i w01 = _mm256_packs_epi32(k0, k1), w23 = _mm256_packs_epi32(k2, k3);
+    __m256i bytes = _mm256_packs_epi16(w01, w23);
+    bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    bytes = _mm256_and_si256(bytes, _mm256_set1_epi8(1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 4 * g), bytes);
+  }
+  bool ok = _mm256_movemask_ps(nan) == 0;
+  if (g < g1) ok &= absolute ? nm_mask_2_4_run<float, float, true>(src, dst, g, g1)
+                             : nm_mask_2_4_run<float, float, false>(src, dst, g, g1);
+  return ok;
+}
+
+bool cpu_has_avx2() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return has;
+}
+#endif
+
+at::Tensor nm_mask_cpu(const at::Tensor& scores_in, int64_t n, int64_t m, bool absolute) {
   check_pattern(n, m);
   check_float_matrix(scores_in, "scores");
   const at::Tensor scores = scores_in.contiguous();
@@ -106,19 +203,36 @@ at::Tensor nm_mask_cpu(const at::Tensor& scores_in, int64_t n, int64_t m) {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* src = scores.const_data_ptr<scalar_t>();
     bool* dst = mask.data_ptr<bool>();
-    at::parallel_for(0, rows * groups, grain_for(1, m), [&](int64_t begin, int64_t end) {
+    // Any group, any pattern; records the first NaN of [begin, end) (flat group indices).
+    auto generic = [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t r = i / groups, col = (i % groups) * m;
         const int width = static_cast<int>(std::min(m, k - col));
-        const int at =
-            nm_mask_group<scalar_t, acc_t>(src + r * k + col, dst + r * k + col, width,
-                                           static_cast<int>(n));
+        const int at = nm_mask_group<scalar_t, acc_t>(src + r * k + col, dst + r * k + col,
+                                                      width, static_cast<int>(n), absolute);
         if (at >= 0) {
           atomic_min(nan_at, r * k + col + at);
           return;
         }
       }
-    });
+    };
+    if (n == 2 && m == 4 && k % 4 == 0) {
+      at::parallel_for(0, rows * groups, grain_for(1, m), [&](int64_t begin, int64_t end) {
+        bool ok;
+#ifdef SPARSEKIT_X86
+        if (std::is_same_v<scalar_t, float> && cpu_has_avx2()) {
+          ok = nm_mask_2_4_avx2(reinterpret_cast<const float*>(src), dst, begin, end, absolute);
+        } else
+#endif
+        {
+          ok = absolute ? nm_mask_2_4_run<scalar_t, acc_t, true>(src, dst, begin, end)
+                        : nm_mask_2_4_run<scalar_t, acc_t, false>(src, dst, begin, end);
+        }
+        if (!ok) generic(begin, end);
+      });
+    } else {
+      at::parallel_for(0, rows * groups, grain_for(1, m), generic);
+    }
   });
   if (nan_at.load() != kNone) raise_nan_score(nan_at.load() / k, nan_at.load() % k);
   return mask;

@@ -54,14 +54,15 @@ __global__ void decompress_kernel(const Bits* __restrict__ vals, const uint8_t* 
 
 template <typename T, typename Acc>
 __global__ void nm_mask_kernel(const T* __restrict__ scores, bool* __restrict__ mask,
-                               int64_t rows, int64_t k, int n, int m,
+                               int64_t rows, int64_t k, int n, int m, bool absolute,
                                unsigned long long* nan_at) {
   const int64_t groups = (k + m - 1) / m;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * groups) return;
   const int64_t r = i / groups, col = (i % groups) * m;
   const int width = static_cast<int>(min(static_cast<int64_t>(m), k - col));
-  const int at = nm_mask_group<T, Acc>(scores + r * k + col, mask + r * k + col, width, n);
+  const int at =
+      nm_mask_group<T, Acc>(scores + r * k + col, mask + r * k + col, width, n, absolute);
   if (at >= 0) record_first(nan_at, r * k + col + at);
 }
 
@@ -123,7 +124,7 @@ at::Tensor nm_decompress_cuda(const at::Tensor& values_in, const at::Tensor& met
   return dense;
 }
 
-at::Tensor nm_mask_cuda(const at::Tensor& scores_in, int64_t n, int64_t m) {
+at::Tensor nm_mask_cuda(const at::Tensor& scores_in, int64_t n, int64_t m, bool absolute) {
   check_pattern(n, m);
   check_float_matrix(scores_in, "scores");
   const c10::cuda::CUDAGuard guard(scores_in.device());
@@ -138,7 +139,7 @@ at::Tensor nm_mask_cuda(const at::Tensor& scores_in, int64_t n, int64_t m) {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     nm_mask_kernel<scalar_t, acc_t><<<blocks_for(work), kThreads, 0, stream>>>(
         scores.const_data_ptr<scalar_t>(), mask.data_ptr<bool>(), rows, k,
-        static_cast<int>(n), static_cast<int>(m),
+        static_cast<int>(n), static_cast<int>(m), absolute,
         reinterpret_cast<unsigned long long*>(nan_at.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
