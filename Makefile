@@ -32,8 +32,8 @@ test: build
 	$(PY) -m pytest tests -q
 
 bench: build
-	$(PY) -m pytest bench --benchmark-only -q
-	$(PY) bench/report.py
+	$(PY) -m pytest bench --benchmark-only -q --benchmark-json=bench/results/cpu.json
+	$(PY) bench/report.py bench/results/cpu.json
 
 # Once by hand (not in CI): C++-only build and CPU tests on the CPU torch wheel.
 check-cpu-torch:

@@ -11,13 +11,13 @@ Run with `make bench` (pytest bench/ --benchmark-only).
 from __future__ import annotations
 
 import itertools
-import platform
-import time
 
 import pytest
 import torch
 
 from sparsekit import masks
+
+from common import machine_info, min_seconds
 
 SHAPES = [(4096, 4096), (8192, 8192)]
 N, M = 2, 4
@@ -48,34 +48,16 @@ def _weights(shape) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 
-def _min_seconds(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _machine_info() -> dict:
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "processor": platform.processor() or platform.machine(),
-        "machine": platform.machine(),
-    }
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_nm_mask_sparsekit(benchmark, shape):
     w = _weights(shape)
     benchmark.group = f"nm-mask {N}:{M} fp32 {shape[0]}x{shape[1]}"
-    benchmark.extra_info.update(provider="sparsekit", shape=list(shape), dtype="float32", **_machine_info())
+    benchmark.extra_info.update(provider="sparsekit", shape=list(shape), dtype="float32", **machine_info())
     mask = benchmark.pedantic(masks.nm, args=(w, N, M), rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
     # The ratio from this one run: both providers timed back to back on the same weights.
-    sparsekit_s = _min_seconds(lambda: masks.nm(w, N, M), BASELINE_REPEATS)
-    baseline_s = _min_seconds(lambda: compute_mask(w, M, N), BASELINE_REPEATS)
+    sparsekit_s = min_seconds(lambda: masks.nm(w, N, M), BASELINE_REPEATS)
+    baseline_s = min_seconds(lambda: compute_mask(w, M, N), BASELINE_REPEATS)
     benchmark.extra_info.update(sparsekit_s=sparsekit_s, baseline_s=baseline_s,
                                 speedup_vs_baseline=baseline_s / sparsekit_s, target_speedup=10.0)
 
@@ -92,6 +74,6 @@ def test_nm_mask_baseline_pattern_matmul(benchmark, shape):
     w = _weights(shape)
     benchmark.group = f"nm-mask {N}:{M} fp32 {shape[0]}x{shape[1]}"
     benchmark.extra_info.update(provider="pattern-matmul baseline", shape=list(shape), dtype="float32",
-                                **_machine_info())
+                                **machine_info())
     mask = benchmark.pedantic(compute_mask, args=(w, M, N), rounds=ROUNDS, iterations=1, warmup_rounds=1)
     assert int(mask.sum()) == w.numel() * N // M

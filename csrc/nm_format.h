@@ -161,13 +161,13 @@ SK_HOST_DEVICE bool compress_group_2_4(const Bits* in, Bits* out, uint32_t& nibb
 template <typename Bits>
 SK_HOST_DEVICE bool decompress_group_2_4(const Bits* in, uint32_t nibble, Bits* out) {
   const uint32_t i0 = nibble & 3u, i1 = nibble >> 2;
-  Bits group[4] = {Bits(0), Bits(0), Bits(0), Bits(0)};
-  group[i0] = in[0];
-  group[i1] = in[1];
-  out[0] = group[0];
-  out[1] = group[1];
-  out[2] = group[2];
-  out[3] = group[3];
+  // Zero the group, then two indexed stores: no branches on the (random) pattern.
+  out[0] = Bits(0);
+  out[1] = Bits(0);
+  out[2] = Bits(0);
+  out[3] = Bits(0);
+  out[i0] = in[0];
+  out[i1] = in[1];
   return i0 < i1;
 }
 

@@ -277,3 +277,25 @@ def test_parse_pattern():
     for bad in ["4:2", "2-4", "0:4", "2:64", 2]:
         with pytest.raises(ValueError, match="pattern"):
             sk.parse_pattern(bad)
+
+
+# -- the 2:4 fast paths (K % 8 == 0: flat byte loops, AVX2 for fp32) -----------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [4, 5])  # the low and the high nibble of a metadata byte
+def test_2_4_fast_path_reports_bad_group(dtype, group):
+    w = random_nm(300, 64, 2, 4, dtype)
+    w[123, group * 4: group * 4 + 3] = 1.0
+    with pytest.raises(ValueError, match=rf"row 123, group {group} "):
+        sk.compress(w, 2, 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_2_4_fast_path_special_values(dtype):
+    w = torch.tensor([[float("nan"), -0.0, 0.0, float("-inf"), 0.0, -0.0, 0.0, 0.0]]).to(dtype)
+    t = sk.compress(w.repeat(5, 4), 2, 4)
+    out = t.to_dense()
+    assert torch.isnan(out[:, 0::8]).all() and (out[:, 3::8] == float("-inf")).all()
+    # Group 0 keeps (0, 3); group 1 is empty and keeps its fill slots (0, 1) as stored.
+    assert t.metadata[0, 0].item() == (0 | 3 << 2) | (0 | 1 << 2) << 4
+    assert torch.equal(bits_of(out[:, 5::8]), bits_of(w.repeat(5, 4)[:, 5::8]))

@@ -41,66 +41,32 @@ int64_t grain_for(int64_t chunk_groups, int64_t m) {
   return std::max<int64_t>(1, 32768 / (chunk_groups * m));
 }
 
-std::tuple<at::Tensor, at::Tensor> nm_compress_cpu(const at::Tensor& dense_in, int64_t n,
-                                                   int64_t m) {
-  check_pattern(n, m);
-  check_float_matrix(dense_in, "w");
-  const at::Tensor dense = dense_in.contiguous();
-  const int64_t rows = dense.size(0);
-  const NMLayout L(dense.size(1), static_cast<int>(n), static_cast<int>(m));
-  at::Tensor values = at::empty({rows, L.values_per_row}, dense.options());
-  at::Tensor metadata = at::empty({rows, L.meta_bytes_per_row}, dense.options().dtype(at::kByte));
-  std::atomic<int64_t> bad{kNone};
-  dispatch_bits(dense, [&](auto zero_bits) {
-    using Bits = decltype(zero_bits);
-    const Bits* src = static_cast<const Bits*>(dense.const_data_ptr());
-    Bits* vals = static_cast<Bits*>(values.data_ptr());
-    uint8_t* meta = metadata.data_ptr<uint8_t>();
-    dispatch_pattern(n, m, [&](auto kN, auto kM) {
-      const int64_t total = rows * L.chunks_per_row;
-      at::parallel_for(0, total, grain_for(L.chunk_groups, m), [&](int64_t begin, int64_t end) {
-        for_each_chunk(L, begin, end, [&](int64_t r, int64_t chunk) {
-          const int64_t g = compress_chunk<Bits, kN.value, kM.value>(
-              src + r * L.k, vals + r * L.values_per_row, meta + r * L.meta_bytes_per_row, L,
-              chunk);
-          if (g >= 0) atomic_min(bad, r * L.groups + g);
-          return g < 0;
-        });
-      });
-    });
-  });
-  if (bad.load() != kNone) raise_not_nm(dense, bad.load(), L);
-  return {values, metadata};
+// 2:4 with K % 8 == 0: rows hold whole metadata bytes, so the matrix is one flat run of
+// bytes (8 dense entries -> 4 values + 1 byte) and flat group 2b+i is row * groups + g.
+// Returns the first bad flat group of [b0, b1), or -1.
+template <typename Bits>
+int64_t compress_2_4_flat(const Bits* __restrict__ src, Bits* __restrict__ vals,
+                          uint8_t* __restrict__ meta, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    uint32_t lo, hi;
+    const bool ok0 = compress_group_2_4(src + 8 * b, vals + 4 * b, lo);
+    const bool ok1 = compress_group_2_4(src + 8 * b + 4, vals + 4 * b + 2, hi);
+    meta[b] = static_cast<uint8_t>(lo | (hi << 4));
+    if (!(ok0 & ok1)) return ok0 ? 2 * b + 1 : 2 * b;
+  }
+  return -1;
 }
 
-at::Tensor nm_decompress_cpu(const at::Tensor& values_in, const at::Tensor& metadata_in,
-                             int64_t k, int64_t n, int64_t m) {
-  const NMLayout L = check_compressed(values_in, metadata_in, k, n, m);
-  const at::Tensor values = values_in.contiguous();
-  const at::Tensor metadata = metadata_in.contiguous();
-  const int64_t rows = values.size(0);
-  at::Tensor dense = at::empty({rows, k}, values.options());
-  std::atomic<int64_t> bad{kNone};
-  dispatch_bits(values, [&](auto zero_bits) {
-    using Bits = decltype(zero_bits);
-    const Bits* vals = static_cast<const Bits*>(values.const_data_ptr());
-    const uint8_t* meta = metadata.const_data_ptr<uint8_t>();
-    Bits* dst = static_cast<Bits*>(dense.data_ptr());
-    dispatch_pattern(n, m, [&](auto kN, auto kM) {
-      const int64_t total = rows * L.chunks_per_row;
-      at::parallel_for(0, total, grain_for(L.chunk_groups, m), [&](int64_t begin, int64_t end) {
-        for_each_chunk(L, begin, end, [&](int64_t r, int64_t chunk) {
-          const int64_t g = decompress_chunk<Bits, kN.value, kM.value>(
-              vals + r * L.values_per_row, meta + r * L.meta_bytes_per_row, dst + r * L.k, L,
-              chunk);
-          if (g >= 0) atomic_min(bad, r * L.groups + g);
-          return g < 0;
-        });
-      });
-    });
-  });
-  if (bad.load() != kNone) raise_bad_metadata(bad.load(), L);
-  return dense;
+template <typename Bits>
+int64_t decompress_2_4_flat(const Bits* __restrict__ vals, const uint8_t* __restrict__ meta,
+                            Bits* __restrict__ dst, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint32_t byte = meta[b];
+    const bool ok0 = decompress_group_2_4(vals + 4 * b, byte & 0xFu, dst + 8 * b);
+    const bool ok1 = decompress_group_2_4(vals + 4 * b + 2, byte >> 4, dst + 8 * b + 4);
+    if (!(ok0 & ok1)) return ok0 ? 2 * b + 1 : 2 * b;
+  }
+  return -1;
 }
 
 // 2:4 over a flat run of full groups (rows of K % 4 == 0 are one flat array of groups).
@@ -182,6 +148,48 @@ __attribute__((target("avx2"))) bool nm_mask_2_4_avx2(const float* __restrict__ 
   return ok;
 }
 
+// 2:4 compress of fp32 with AVX2, two groups (8 floats, one metadata byte) per step. The
+// nonzero mask of the 8 floats (one movemask) indexes two 256-entry tables: the lanes to
+// gather (kept indices of group 0, then 4 + those of group 1) and the metadata byte.
+struct Compress24Tables {
+  uint32_t lanes[256];  // four 8-bit lane indices
+  uint8_t meta[256];
+  bool valid[256];      // both groups hold at most 2 nonzeros
+};
+
+constexpr Compress24Tables make_compress_2_4_tables() {
+  Compress24Tables t{};
+  constexpr uint64_t kLut = make_2_4_lut();
+  for (uint32_t nz = 0; nz < 256; ++nz) {
+    const uint32_t lo = (kLut >> (4 * (nz & 0xFu))) & 0xFu, hi = (kLut >> (4 * (nz >> 4))) & 0xFu;
+    t.lanes[nz] = (lo & 3u) | (lo >> 2) << 8 | (4u + (hi & 3u)) << 16 | (4u + (hi >> 2)) << 24;
+    t.meta[nz] = static_cast<uint8_t>(lo | hi << 4);
+    t.valid[nz] = __builtin_popcount(nz & 0xFu) <= 2 && __builtin_popcount(nz >> 4) <= 2;
+  }
+  return t;
+}
+
+constexpr Compress24Tables kCompress24 = make_compress_2_4_tables();
+
+__attribute__((target("avx2"))) int64_t compress_2_4_flat_avx2(const float* __restrict__ src,
+                                                              float* __restrict__ vals,
+                                                              uint8_t* __restrict__ meta,
+                                                              int64_t b0, int64_t b1) {
+  const __m256 no_sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t b = b0; b < b1; ++b) {
+    const __m256 v = _mm256_loadu_ps(src + 8 * b);
+    // -0.0 is zero: compare |v| with 0 (unordered NaN compares as nonzero).
+    const int nz = _mm256_movemask_ps(
+        _mm256_cmp_ps(_mm256_and_ps(v, no_sign), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    const __m256i lanes = _mm256_cvtepu8_epi32(_mm_cvtsi32_si128(
+        static_cast<int>(kCompress24.lanes[nz])));
+    _mm_storeu_ps(vals + 4 * b, _mm256_castps256_ps128(_mm256_permutevar8x32_ps(v, lanes)));
+    meta[b] = kCompress24.meta[nz];
+    if (!kCompress24.valid[nz]) return __builtin_popcount(nz & 0xF) > 2 ? 2 * b : 2 * b + 1;
+  }
+  return -1;
+}
+
 bool cpu_has_avx2() {
   static const bool has = [] {
     __builtin_cpu_init();
@@ -190,6 +198,92 @@ bool cpu_has_avx2() {
   return has;
 }
 #endif
+
+std::tuple<at::Tensor, at::Tensor> nm_compress_cpu(const at::Tensor& dense_in, int64_t n,
+                                                   int64_t m) {
+  check_pattern(n, m);
+  check_float_matrix(dense_in, "w");
+  const at::Tensor dense = dense_in.contiguous();
+  const int64_t rows = dense.size(0);
+  const NMLayout L(dense.size(1), static_cast<int>(n), static_cast<int>(m));
+  at::Tensor values = at::empty({rows, L.values_per_row}, dense.options());
+  at::Tensor metadata = at::empty({rows, L.meta_bytes_per_row}, dense.options().dtype(at::kByte));
+  std::atomic<int64_t> bad{kNone};
+  dispatch_bits(dense, [&](auto zero_bits) {
+    using Bits = decltype(zero_bits);
+    const Bits* src = static_cast<const Bits*>(dense.const_data_ptr());
+    Bits* vals = static_cast<Bits*>(values.data_ptr());
+    uint8_t* meta = metadata.data_ptr<uint8_t>();
+    if (n == 2 && m == 4 && L.k % 8 == 0) {
+      at::parallel_for(0, rows * L.k / 8, grain_for(2, m), [&](int64_t begin, int64_t end) {
+        int64_t g;
+#ifdef SPARSEKIT_X86
+        if (std::is_same_v<Bits, uint32_t> && cpu_has_avx2()) {
+          g = compress_2_4_flat_avx2(reinterpret_cast<const float*>(src),
+                                     reinterpret_cast<float*>(vals), meta, begin, end);
+        } else
+#endif
+        {
+          g = compress_2_4_flat(src, vals, meta, begin, end);
+        }
+        if (g >= 0) atomic_min(bad, g);
+      });
+      return;
+    }
+    dispatch_pattern(n, m, [&](auto kN, auto kM) {
+      const int64_t total = rows * L.chunks_per_row;
+      at::parallel_for(0, total, grain_for(L.chunk_groups, m), [&](int64_t begin, int64_t end) {
+        for_each_chunk(L, begin, end, [&](int64_t r, int64_t chunk) {
+          const int64_t g = compress_chunk<Bits, kN.value, kM.value>(
+              src + r * L.k, vals + r * L.values_per_row, meta + r * L.meta_bytes_per_row, L,
+              chunk);
+          if (g >= 0) atomic_min(bad, r * L.groups + g);
+          return g < 0;
+        });
+      });
+    });
+  });
+  if (bad.load() != kNone) raise_not_nm(dense, bad.load(), L);
+  return {values, metadata};
+}
+
+at::Tensor nm_decompress_cpu(const at::Tensor& values_in, const at::Tensor& metadata_in,
+                             int64_t k, int64_t n, int64_t m) {
+  const NMLayout L = check_compressed(values_in, metadata_in, k, n, m);
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor metadata = metadata_in.contiguous();
+  const int64_t rows = values.size(0);
+  at::Tensor dense = at::empty({rows, k}, values.options());
+  std::atomic<int64_t> bad{kNone};
+  dispatch_bits(values, [&](auto zero_bits) {
+    using Bits = decltype(zero_bits);
+    const Bits* vals = static_cast<const Bits*>(values.const_data_ptr());
+    const uint8_t* meta = metadata.const_data_ptr<uint8_t>();
+    Bits* dst = static_cast<Bits*>(dense.data_ptr());
+    if (n == 2 && m == 4 && L.k % 8 == 0) {
+      at::parallel_for(0, rows * L.k / 8, grain_for(2, m), [&](int64_t begin, int64_t end) {
+        const int64_t g = decompress_2_4_flat(vals, meta, dst, begin, end);
+        if (g >= 0) atomic_min(bad, g);
+      });
+      return;
+    }
+    dispatch_pattern(n, m, [&](auto kN, auto kM) {
+      const int64_t total = rows * L.chunks_per_row;
+      at::parallel_for(0, total, grain_for(L.chunk_groups, m), [&](int64_t begin, int64_t end) {
+        for_each_chunk(L, begin, end, [&](int64_t r, int64_t chunk) {
+          const int64_t g = decompress_chunk<Bits, kN.value, kM.value>(
+              vals + r * L.values_per_row, meta + r * L.meta_bytes_per_row, dst + r * L.k, L,
+              chunk);
+          if (g >= 0) atomic_min(bad, r * L.groups + g);
+          return g < 0;
+        });
+      });
+    });
+  });
+  if (bad.load() != kNone) raise_bad_metadata(bad.load(), L);
+  return dense;
+}
+
 
 at::Tensor nm_mask_cpu(const at::Tensor& scores_in, int64_t n, int64_t m, bool absolute) {
   check_pattern(n, m);
