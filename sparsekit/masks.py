@@ -29,12 +29,12 @@ from collections.abc import Sequence
 import torch
 
 from . import ops
+from .format import check_pattern
 
 __all__ = ["magnitude", "threshold", "random", "ln_structured", "block", "nm", "global_magnitude"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-_MAX_M = 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,11 +335,7 @@ def nm(
         tensor([[False,  True, False,  True,  True,  True]])
     """
     w = _check_tensor(w, "w")
-    n, m = _check_count(n, "n"), _check_count(m, "m")
-    if not 2 <= m <= _MAX_M:
-        raise ValueError(f"m must be in [2, {_MAX_M}], got {m}")
-    if not 0 < n < m:
-        raise ValueError(f"n must satisfy 0 < n < m (m={m}), got {n}")
+    n, m = check_pattern(n, m)
     if w.dim() < 1:
         raise ValueError("w must have at least 1 dim for N:M pruning, got a 0-d tensor")
     dim = _check_dim(dim, w.dim())
