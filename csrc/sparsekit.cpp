@@ -4,6 +4,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
 #ifndef SPARSEKIT_TORCH_VERSION
 #error "setup.py defines SPARSEKIT_TORCH_VERSION (the torch this extension is built against)"
 #endif
@@ -22,7 +25,23 @@ TORCH_LIBRARY(sparsekit, lib) {
   lib.def("nm_compress(Tensor w, int n, int m) -> (Tensor, Tensor)");
   // (values, metadata) -> dense [rows, k].
   lib.def("nm_decompress(Tensor values, Tensor metadata, int k, int n, int m) -> Tensor");
+  // y = x @ W^T (+ bias), W = (values, metadata) [rows, k]; x [..., k] -> y [..., rows].
+  lib.def(
+      "nm_linear(Tensor x, Tensor values, Tensor metadata, Tensor? bias, int k, int n, int m) "
+      "-> Tensor");
+  // grad_x = grad_out @ W: grad_out [..., rows] -> [..., k].
+  lib.def(
+      "nm_linear_grad_input(Tensor grad_out, Tensor values, Tensor metadata, int k, int n, "
+      "int m) -> Tensor");
+  // Gradient of the kept values: (grad_out^T @ x) at W's kept positions, values layout.
+  lib.def("nm_sddmm(Tensor grad_out, Tensor x, Tensor metadata, int k, int n, int m) -> Tensor");
 }
+
+namespace sparsekit {
+std::string spmm_active_isa();
+bool spmm_set_isa(const std::string& isa);
+std::vector<std::string> spmm_compiled_isas();
+}  // namespace sparsekit
 
 namespace {
 
@@ -46,10 +65,9 @@ py::dict build_info() {
   info["cuda_version"] = py::none();
   info["cuda_arch_list"] = py::none();
 #endif
-  // CPU kernels compiled into this build; later variants (AVX2/AVX-512) add themselves here.
-  py::list compiled;
-  compiled.append("scalar");
-  info["cpu_isa_compiled"] = compiled;
+  // CPU product kernels compiled into this build, and the one that runs.
+  info["cpu_isa_compiled"] = sparsekit::spmm_compiled_isas();
+  info["cpu_isa_active"] = sparsekit::spmm_active_isa();
   info["cpu_isa_available"] = cpu_isa_available();
   info["compiler"] = __VERSION__;
   return info;
@@ -60,4 +78,7 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsekit compiled kernels; the ops live under torch.ops.sparsekit";
   m.def("build_info", &build_info, "How this extension was built (versions, kernels, ISAs).");
+  m.def("set_cpu_isa", &sparsekit::spmm_set_isa,
+        "Forces the CPU product kernels to one ISA ('avx512', 'avx2', 'scalar'); returns "
+        "False (and changes nothing) if this CPU or build lacks it.");
 }

@@ -15,7 +15,8 @@ import torch
 
 from . import _ext, reference
 
-__all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "explain", "registered_kernels"]
+__all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "nm_linear",
+           "nm_linear_grad_input", "nm_sddmm", "explain", "registered_kernels", "set_cpu_isa"]
 
 NAMESPACE = "sparsekit"
 
@@ -24,12 +25,20 @@ SCHEMAS = {
     "nm_mask": "nm_mask(Tensor scores, int n, int m, bool absolute=False) -> Tensor",
     "nm_compress": "nm_compress(Tensor w, int n, int m) -> (Tensor, Tensor)",
     "nm_decompress": "nm_decompress(Tensor values, Tensor metadata, int k, int n, int m) -> Tensor",
+    "nm_linear": "nm_linear(Tensor x, Tensor values, Tensor metadata, Tensor? bias, int k, int n, "
+                 "int m) -> Tensor",
+    "nm_linear_grad_input": "nm_linear_grad_input(Tensor grad_out, Tensor values, Tensor metadata, "
+                            "int k, int n, int m) -> Tensor",
+    "nm_sddmm": "nm_sddmm(Tensor grad_out, Tensor x, Tensor metadata, int k, int n, int m) -> Tensor",
 }
 
 _REFERENCE = {
     "nm_mask": reference.nm_mask,
     "nm_compress": reference.nm_compress,
     "nm_decompress": reference.nm_decompress,
+    "nm_linear": reference.nm_linear,
+    "nm_linear_grad_input": reference.nm_linear_grad_input,
+    "nm_sddmm": reference.nm_sddmm,
 }
 
 
@@ -75,6 +84,68 @@ def _nm_decompress_fake(values, metadata, k, n, m):
         lambda: f"values must have {_groups(k, m) * n} columns for k={k} and {n}:{m}",
     )
     return values.new_empty((values.shape[0], k))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::nm_linear")
+def _nm_linear_fake(x, values, metadata, bias, k, n, m):
+    torch._check(x.shape[-1] == k, lambda: f"x must have k = {k} in its last dim, got {tuple(x.shape)}")
+    torch._check(values.dim() == 2, lambda: "values must be 2-D")
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::nm_linear_grad_input")
+def _nm_linear_grad_input_fake(grad_out, values, metadata, k, n, m):
+    torch._check(grad_out.shape[-1] == values.shape[0],
+                 lambda: f"grad_out must have {values.shape[0]} in its last dim")
+    return grad_out.new_empty((*grad_out.shape[:-1], k))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::nm_sddmm")
+def _nm_sddmm_fake(grad_out, x, metadata, k, n, m):
+    torch._check(x.shape[-1] == k, lambda: f"x must have k = {k} in its last dim")
+    return x.new_empty((metadata.shape[0], _groups(k, m) * n))
+
+
+def _nm_linear_setup_context(ctx, inputs, output):
+    x, values, metadata, bias, k, n, m = inputs
+    ctx.save_for_backward(x, values, metadata)
+    ctx.pattern = (k, n, m)
+    ctx.has_bias = bias is not None
+
+
+def _nm_linear_backward(ctx, grad_out):
+    # Gradients reach x, the kept values and the bias only: pruned weights have no slot.
+    x, values, metadata = ctx.saved_tensors
+    k, n, m = ctx.pattern
+    grad_out = grad_out.contiguous()
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.sparsekit.nm_linear_grad_input(grad_out, values, metadata, k, n, m)
+    if ctx.needs_input_grad[1]:
+        grad_values = torch.ops.sparsekit.nm_sddmm(grad_out, x, metadata, k, n, m)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad_out.reshape(-1, values.shape[0]).sum(0)
+    return grad_x, grad_values, None, grad_bias, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::nm_linear", _nm_linear_backward,
+                                setup_context=_nm_linear_setup_context)
+
+
+def nm_linear(x, values, metadata, bias, k: int, n: int, m: int) -> torch.Tensor:
+    """y = x @ W^T (+ bias) with W = (values, metadata) N:M compressed, [rows, k].
+    Differentiable in x, values and bias."""
+    return torch.ops.sparsekit.nm_linear(x, values, metadata, bias, k, n, m)
+
+
+def nm_linear_grad_input(grad_out, values, metadata, k: int, n: int, m: int) -> torch.Tensor:
+    """grad_x = grad_out @ W with W still compressed."""
+    return torch.ops.sparsekit.nm_linear_grad_input(grad_out, values, metadata, k, n, m)
+
+
+def nm_sddmm(grad_out, x, metadata, k: int, n: int, m: int) -> torch.Tensor:
+    """(grad_out^T @ x) at W's kept positions, in the values layout: the values' gradient."""
+    return torch.ops.sparsekit.nm_sddmm(grad_out, x, metadata, k, n, m)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int, absolute: bool = False) -> torch.Tensor:
@@ -127,3 +198,11 @@ def explain(op: str, *args) -> str:
         return f"{head}: compiled {key} kernel (sparsekit._C)"
     why = _ext.LOAD_ERROR or f"no {key} kernel is built"
     return f"{head}: plain-torch reference (sparsekit.reference; {why})"
+
+
+def set_cpu_isa(isa: str) -> bool:
+    """Forces the CPU product kernels to "avx512", "avx2" or "scalar" (for tests and
+    benchmarks). Returns False, changing nothing, if this CPU or build lacks it."""
+    if _ext.EXTENSION is None:
+        return False
+    return _ext.EXTENSION.set_cpu_isa(isa)

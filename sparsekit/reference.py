@@ -121,3 +121,24 @@ def nm_decompress(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, 
     dense = torch.zeros(rows, groups, m, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, idx, vals)
     return dense.view(rows, groups * m)[:, :k].contiguous()
+
+
+def nm_linear(x, values, metadata, bias, k: int, n: int, m: int) -> torch.Tensor:
+    """y = x @ W^T (+ bias), W the dense form of (values, metadata): [rows, k]."""
+    return torch.nn.functional.linear(x, nm_decompress(values, metadata, k, n, m), bias)
+
+
+def nm_linear_grad_input(grad_out, values, metadata, k: int, n: int, m: int) -> torch.Tensor:
+    """grad_x = grad_out @ W: [..., rows] -> [..., k]."""
+    return torch.matmul(grad_out, nm_decompress(values, metadata, k, n, m))
+
+
+def nm_sddmm(grad_out, x, metadata, k: int, n: int, m: int) -> torch.Tensor:
+    """Gradient of the kept values: (grad_out^T @ x)[r, col(r, j)] for every kept (r, j),
+    in the values layout [rows, ceil(k/m)*n]."""
+    rows = metadata.shape[0]
+    groups = -(-k // m)
+    dense = grad_out.reshape(-1, rows).t() @ x.reshape(-1, k)  # [rows, k]
+    idx = unpack_bits(metadata, index_bits(m), groups * n).view(rows, groups, n)
+    padded = _pad_last(dense, m, 0).view(rows, groups, m)
+    return torch.gather(padded, -1, idx.clamp(max=m - 1)).reshape(rows, groups * n)

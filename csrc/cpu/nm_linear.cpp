@@ -1,0 +1,290 @@
+// CPU implementations of the N:M products: nm_linear (y = x @ W^T + b), its input gradient
+// (gx = gy @ W) and nm_sddmm (gy^T @ x sampled at W's kept positions, in the values layout).
+//
+// The wrapper validates, transposes a batch tile of activations into fp32 xT[Kp, ld]
+// (batch as the vector dim, see spmm_kernels.h), runs one ISA's kernel over rows (or
+// column ranges) on torch's OpenMP pool, and transposes the result back. The ISA is chosen
+// once from the CPU (AVX-512, else AVX2, else portable) and can be forced for tests.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../checks.h"
+#include "spmm.h"
+
+namespace sparsekit {
+
+namespace {
+
+bool cpu_supports(const char* isa) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (std::strcmp(isa, "avx512") == 0) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  if (std::strcmp(isa, "avx2") == 0) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }
+#endif
+  return std::strcmp(isa, "scalar") == 0;
+}
+
+const SpmmKernels* kernels_for(const std::string& isa) {
+#if defined(__x86_64__)
+  if (isa == "avx512") return &spmm_kernels_avx512();
+  if (isa == "avx2") return &spmm_kernels_avx2();
+#endif
+  if (isa == "scalar") return &spmm_kernels_scalar();
+  return nullptr;
+}
+
+std::atomic<const SpmmKernels*> g_active{nullptr};
+
+const SpmmKernels& active_kernels() {
+  const SpmmKernels* k = g_active.load();
+  if (k == nullptr) {
+    for (const char* isa : {"avx512", "avx2", "scalar"}) {
+      if (cpu_supports(isa) && (k = kernels_for(isa)) != nullptr) break;
+    }
+    g_active.store(k);
+  }
+  return *k;
+}
+
+ValueType value_type(const at::Tensor& values) {
+  switch (values.scalar_type()) {
+    case at::kFloat: return ValueType::kFloat32;
+    case at::kHalf: return ValueType::kFloat16;
+    case at::kBFloat16: return ValueType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "values must be float32, float16 or bfloat16, got ", values.scalar_type());
+  }
+}
+
+bool has_kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Up to this many rows of x, 2:4 forward runs the small-batch kernel (x row-major, index
+// decode in registers); above it the transposed-batch kernel. SPARSEKIT_CPU_SMALL_BATCH
+// overrides it (benchmarks use that to find the crossover).
+int64_t small_batch_limit() {
+  static const int64_t limit = [] {
+    const char* env = std::getenv("SPARSEKIT_CPU_SMALL_BATCH");
+    return env != nullptr ? std::atoll(env) : int64_t{16};
+  }();
+  return limit;
+}
+
+// Batch rows per pass: as many vector registers as the kernels unroll.
+int64_t batch_tile(const SpmmKernels& k) { return static_cast<int64_t>(k.lanes) * kMaxTileRegs; }
+
+int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// src2d[b0:b0+tb, :cols] transposed into a zero-padded fp32 [rows_p, ld] buffer.
+at::Tensor transpose_tile(const at::Tensor& src2d, int64_t b0, int64_t tb, int64_t rows_p, int64_t ld) {
+  at::Tensor t = at::zeros({rows_p, ld}, src2d.options().dtype(at::kFloat));
+  t.narrow(0, 0, src2d.size(1)).narrow(1, 0, tb).copy_(src2d.narrow(0, b0, tb).t());
+  return t;
+}
+
+std::vector<float> scratch_for(const NMLayout& L) {
+  return std::vector<float>(3 * L.values_per_row + 16);
+}
+
+void check_batch_operand(const at::Tensor& t, const char* name, int64_t last, const char* what) {
+  TORCH_CHECK_VALUE(t.dim() >= 1 && t.size(-1) == last, name, " must have ", what, " = ", last,
+                    " in its last dim, got shape ", t.sizes());
+}
+
+void check_pairing(const at::Tensor& t, const char* name, const at::Tensor& values) {
+  TORCH_CHECK_TYPE(t.scalar_type() == values.scalar_type(), name, " (", t.scalar_type(),
+                   ") must have the dtype of the weight values (", values.scalar_type(), ")");
+  TORCH_CHECK_VALUE(t.device() == values.device(), name, " must be on ", values.device(),
+                    ", got ", t.device());
+}
+
+std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  shape.back() = last;
+  return shape;
+}
+
+// The dense weight, through the registered op (for dtypes the kernels do not cover).
+at::Tensor decompress(const at::Tensor& values, const at::Tensor& metadata, int64_t k, int64_t n,
+                      int64_t m) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparsekit::nm_decompress", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t)>();
+  return op.call(values, metadata, k, n, m);
+}
+
+at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
+                         const std::optional<at::Tensor>& bias, int64_t k, int64_t n, int64_t m) {
+  const NMLayout L = check_compressed(values, metadata, k, n, m);
+  check_pairing(x, "x", values);
+  check_batch_operand(x, "x", k, "k");
+  const int64_t rows = values.size(0);
+  if (bias.has_value()) {
+    check_pairing(*bias, "bias", values);
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == rows, "bias must have shape [", rows,
+                      "], got ", bias->sizes());
+  }
+  if (!has_kernel_dtype(values.scalar_type())) {  // e.g. fp64: exact, via the dense weight
+    return at::linear(x, decompress(values, metadata, k, n, m), bias);
+  }
+  const int64_t batch = x.numel() / std::max<int64_t>(k, 1);
+  const at::Tensor x2 = x.reshape({batch, k});
+  at::Tensor y = at::empty({batch, rows}, x.options());
+  const SpmmKernels& kern = active_kernels();
+  const int64_t kp = L.groups * L.m;
+  const at::Tensor values_c = values.contiguous(), meta_c = metadata.contiguous();
+  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bias_p = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  if (n == 2 && m == 4 && kern.forward_2_4[0] != nullptr && batch <= small_batch_limit()) {
+    // Small batch: x rows stay row-major, up to 8 per pass over the compressed weight.
+    const int64_t ldx = round_up(kp, 32);
+    for (int64_t b0 = 0; b0 < batch; b0 += kMaxTileRegs) {
+      const int64_t tb = std::min<int64_t>(kMaxTileRegs, batch - b0);
+      at::Tensor xb = at::zeros({tb, ldx}, x.options().dtype(at::kFloat));
+      xb.narrow(1, 0, k).copy_(x2.narrow(0, b0, tb));
+      at::Tensor yb = at::empty({tb, rows}, x.options().dtype(at::kFloat));
+      SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
+                 L, rows, 0, nullptr, nullptr, nullptr, bias_p,
+                 xb.const_data_ptr<float>(), ldx, yb.data_ptr<float>(), rows};
+      const RowKernel fn = kern.forward_2_4[tb - 1];
+      at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+        std::vector<float> scratch = scratch_for(L);
+        fn(a, r0, r1, scratch.data());
+      });
+      y.narrow(0, b0, tb).copy_(yb);
+    }
+    return y.view(with_last(x, rows));
+  }
+  for (int64_t b0 = 0; b0 < batch; b0 += batch_tile(kern)) {
+    const int64_t tb = std::min(batch_tile(kern), batch - b0);
+    const int64_t ld = round_up(tb, kern.lanes);
+    const at::Tensor xT = transpose_tile(x2, b0, tb, kp, ld);
+    at::Tensor yT = at::empty({rows, ld}, x.options().dtype(at::kFloat));
+    SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
+               L, rows, ld, xT.const_data_ptr<float>(), nullptr, yT.data_ptr<float>(), bias_p};
+    const RowKernel fn = kern.forward[ld / kern.lanes - 1];
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<float> scratch = scratch_for(L);
+      fn(a, r0, r1, scratch.data());
+    });
+    y.narrow(0, b0, tb).copy_(yT.narrow(1, 0, tb).t());
+  }
+  return y.view(with_last(x, rows));
+}
+
+at::Tensor nm_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                    const at::Tensor& metadata, int64_t k, int64_t n, int64_t m) {
+  const NMLayout L = check_compressed(values, metadata, k, n, m);
+  check_pairing(grad_out, "grad_out", values);
+  const int64_t rows = values.size(0);
+  check_batch_operand(grad_out, "grad_out", rows, "the weight's rows");
+  if (!has_kernel_dtype(values.scalar_type())) {
+    return at::matmul(grad_out, decompress(values, metadata, k, n, m));
+  }
+  const int64_t batch = grad_out.numel() / std::max<int64_t>(rows, 1);
+  const at::Tensor gy2 = grad_out.reshape({batch, rows});
+  at::Tensor gx = at::empty({batch, k}, grad_out.options());
+  const SpmmKernels& kern = active_kernels();
+  const int64_t kp = L.groups * L.m;
+  const at::Tensor values_c = values.contiguous(), meta_c = metadata.contiguous();
+  for (int64_t b0 = 0; b0 < batch; b0 += batch_tile(kern)) {
+    const int64_t tb = std::min(batch_tile(kern), batch - b0);
+    const int64_t ld = round_up(tb, kern.lanes);
+    const at::Tensor gyT = transpose_tile(gy2, b0, tb, rows, ld);
+    at::Tensor gxT = at::zeros({kp, ld}, grad_out.options().dtype(at::kFloat));
+    SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
+               L, rows, ld, nullptr, gyT.const_data_ptr<float>(), gxT.data_ptr<float>(), nullptr};
+    const RowKernel fn = kern.grad_input[ld / kern.lanes - 1];
+    // Threads own whole chunks of groups: disjoint columns of gxT, byte-aligned metadata.
+    at::parallel_for(0, L.chunks_per_row, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<float> scratch = scratch_for(L);
+      fn(a, c0 * L.chunk_groups, std::min(c1 * L.chunk_groups, L.groups), scratch.data());
+    });
+    gx.narrow(0, b0, tb).copy_(gxT.narrow(0, 0, k).narrow(1, 0, tb).t());
+  }
+  return gx.view(with_last(grad_out, k));
+}
+
+at::Tensor nm_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& metadata,
+                        int64_t k, int64_t n, int64_t m) {
+  check_pattern(n, m);
+  TORCH_CHECK_TYPE(metadata.scalar_type() == at::kByte, "metadata must be uint8, got ",
+                   metadata.scalar_type());
+  TORCH_CHECK_VALUE(metadata.dim() == 2, "metadata must be 2-D, got ", metadata.dim(), "-D");
+  const NMLayout L(k, static_cast<int>(n), static_cast<int>(m));
+  const int64_t rows = metadata.size(0);
+  TORCH_CHECK_VALUE(metadata.size(1) == L.meta_bytes_per_row, "metadata must have shape [",
+                    rows, ", ", L.meta_bytes_per_row, "] for k=", k, " and ", n, ":", m,
+                    ", got ", metadata.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "grad_out (", grad_out.scalar_type(),
+                   ") and x (", x.scalar_type(), ") must have one dtype");
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x must be floating, got ", x.scalar_type());
+  check_batch_operand(x, "x", k, "k");
+  check_batch_operand(grad_out, "grad_out", rows, "the weight's rows");
+  const int64_t batch = x.numel() / std::max<int64_t>(k, 1);
+  TORCH_CHECK_VALUE(grad_out.numel() == batch * rows, "grad_out and x must hold the same batch: ",
+                    grad_out.sizes(), " vs ", x.sizes());
+  if (!has_kernel_dtype(x.scalar_type())) {  // fp64: dense product, then gather kept entries
+    const at::Tensor dense = at::matmul(grad_out.reshape({batch, rows}).t(), x.reshape({batch, k}));
+    const at::Tensor kept = decompress(at::ones({rows, L.values_per_row}, x.options()), metadata, k, n, m);
+    return dense.masked_select(kept.ne(0)).view({rows, L.values_per_row});
+  }
+  const at::Tensor gy2 = grad_out.reshape({batch, rows}), x2 = x.reshape({batch, k});
+  at::Tensor gv = at::zeros({rows, L.values_per_row}, x.options().dtype(at::kFloat));
+  const SpmmKernels& kern = active_kernels();
+  const int64_t kp = L.groups * L.m;
+  const at::Tensor meta_c = metadata.contiguous();
+  for (int64_t b0 = 0; b0 < batch; b0 += batch_tile(kern)) {
+    const int64_t tb = std::min(batch_tile(kern), batch - b0);
+    const int64_t ld = round_up(tb, kern.lanes);
+    const at::Tensor xT = transpose_tile(x2, b0, tb, kp, ld);
+    const at::Tensor gyT = transpose_tile(gy2, b0, tb, rows, ld);
+    SpmmArgs a{nullptr, ValueType::kFloat32, meta_c.const_data_ptr<uint8_t>(), L, rows, ld,
+               xT.const_data_ptr<float>(), gyT.const_data_ptr<float>(), gv.data_ptr<float>(), nullptr};
+    const RowKernel fn = kern.sddmm[ld / kern.lanes - 1];
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<float> scratch = scratch_for(L);
+      fn(a, r0, r1, scratch.data());
+    });
+  }
+  return gv.to(x.scalar_type());
+}
+
+}  // namespace
+
+// The CPU ISA the product kernels run with ("avx512", "avx2", "scalar"), and a way to force
+// one (tests exercise every variant the machine supports). Declared in sparsekit.cpp.
+std::string spmm_active_isa() { return active_kernels().isa; }
+
+bool spmm_set_isa(const std::string& isa) {
+  const SpmmKernels* k = cpu_supports(isa.c_str()) ? kernels_for(isa) : nullptr;
+  if (k != nullptr) g_active.store(k);
+  return k != nullptr;
+}
+
+std::vector<std::string> spmm_compiled_isas() {
+#if defined(__x86_64__)
+  return {"scalar", "avx2", "avx512"};
+#else
+  return {"scalar"};
+#endif
+}
+
+TORCH_LIBRARY_IMPL(sparsekit, CPU, lib) {
+  lib.impl("nm_linear", &nm_linear_cpu);
+  lib.impl("nm_linear_grad_input", &nm_linear_grad_input_cpu);
+  lib.impl("nm_sddmm", &nm_sddmm_cpu);
+}
+
+}  // namespace sparsekit

@@ -1,0 +1,55 @@
+// Types shared by the CPU N:M product kernels (spmm_kernels.h, one copy per ISA) and the
+// op wrappers (nm_linear.cpp). Plain pointers only: the ISA files include no torch header.
+#pragma once
+
+#include <cstdint>
+
+#include "../nm_format.h"
+
+namespace sparsekit {
+
+enum class ValueType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct SpmmArgs {
+  const void* values;       // [rows, values_per_row] of vtype
+  ValueType vtype;
+  const uint8_t* metadata;  // [rows, meta_bytes_per_row], canonical
+  NMLayout layout;
+  int64_t rows;
+  int64_t ld;               // row stride (floats) of xT, gyT, yT, gxT
+  const float* xT;          // forward, sddmm: [Kp, ld]
+  const float* gyT;         // grad input, sddmm: [rows, ld]
+  float* out;               // forward: yT [rows, ld]; grad input: gxT [Kp, ld] (accumulated);
+                            // sddmm: gv [rows, values_per_row] (accumulated)
+  const float* bias;        // forward only, may be null
+  // 2:4 small-batch forward (row-major operands): x [tb, ldx] fp32 with ldx a multiple of
+  // 32 and zero padding beyond K; y [tb, ldy] fp32.
+  const float* x;
+  int64_t ldx;
+  float* y;
+  int64_t ldy;
+};
+
+constexpr int kMaxTileRegs = 8;  // NB = 1..8 vector registers of batch per pass
+
+// One ISA's kernels, indexed by NB - 1. forward and sddmm cover rows [r0, r1); grad_input
+// covers groups [g0, g1) of every row (g0 a multiple of layout.chunk_groups), so threads
+// own disjoint columns of gxT. `scratch` holds 3 * values_per_row + 16 floats.
+using RowKernel = void (*)(const SpmmArgs&, int64_t, int64_t, float*);
+struct SpmmKernels {
+  const char* isa;
+  int lanes;
+  RowKernel forward[kMaxTileRegs];
+  RowKernel grad_input[kMaxTileRegs];
+  RowKernel sddmm[kMaxTileRegs];
+  // 2:4 forward for 1..8 rows of x (index = rows - 1), kept-index decode and x permutes in
+  // registers (no transposed copy); null where the ISA has none.
+  RowKernel forward_2_4[kMaxTileRegs];
+};
+
+// Defined in spmm_<isa>.cpp; the AVX ones only on x86 builds.
+const SpmmKernels& spmm_kernels_scalar();
+const SpmmKernels& spmm_kernels_avx2();
+const SpmmKernels& spmm_kernels_avx512();
+
+}  // namespace sparsekit

@@ -1,0 +1,133 @@
+// CPU N:M products with AVX2 + FMA + F16C (8 floats per vector), chosen at run time.
+// Every function below the pragma is compiled for those extensions; torch headers and
+// nm_format.h are included before it so their inline code keeps the baseline target.
+#include <cstdint>
+#include <utility>
+
+#include "spmm.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace sparsekit {
+namespace spmm_avx2 {
+
+struct V {
+  static constexpr bool kHasForward24 = true;
+  static constexpr int kLanes = 8;
+  using reg = __m256;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, reg a) { _mm256_storeu_ps(p, a); }
+  static reg bcast(float x) { return _mm256_set1_ps(x); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static float hsum(reg a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static void widen16(const uint16_t* in, int64_t count, bool bf16, float* out) {
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i));
+      const __m256 f = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                            : _mm256_cvtph_ps(h);
+      _mm256_storeu_ps(out + i, f);
+    }
+    for (; i < count; ++i) {
+      if (bf16) {
+        const uint32_t bits = static_cast<uint32_t>(in[i]) << 16;
+        __builtin_memcpy(out + i, &bits, sizeof(float));
+      } else {
+        out[i] = _cvtsh_ss(in[i]);
+      }
+    }
+  }
+};
+
+}  // namespace spmm_avx2
+}  // namespace sparsekit
+
+#define SK_ISA_NS spmm_avx2
+#include "spmm_kernels.h"
+
+namespace sparsekit {
+namespace spmm_avx2 {
+
+// 8 kept values of a 16-column chunk (4 groups) widened to fp32.
+template <ValueType VT>
+inline __m256 load8(const void* values, int64_t at) {
+  if constexpr (VT == ValueType::kFloat32) {
+    return _mm256_loadu_ps(static_cast<const float*>(values) + at);
+  } else {
+    const __m128i h = _mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + at));
+    if constexpr (VT == ValueType::kFloat16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// 2:4 forward for TB rows of x: per 16 columns, 2 metadata bytes become 8 lane indices
+// (lane j: 4 * (j / 2) + ((meta >> 2j) & 3)); lanes 0-3 index the first 8 columns and
+// lanes 4-7 the next 8, so two in-register permutes and a fixed blend gather x.
+template <int TB, ValueType VT>
+void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
+  const NMLayout& L = a.layout;
+  const int64_t chunks = L.groups / 4;
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i three = _mm256_set1_epi32(3);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* meta = a.metadata + r * L.meta_bytes_per_row;
+    const int64_t vbase = r * L.values_per_row;
+    __m256 acc[TB];
+    for (int b = 0; b < TB; ++b) acc[b] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      uint16_t m16;
+      __builtin_memcpy(&m16, meta + 2 * c, 2);
+      const __m256i idx = _mm256_add_epi32(
+          _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(m16), shifts), three), base);
+      const __m256 w = load8<VT>(a.values, vbase + 8 * c);
+      for (int b = 0; b < TB; ++b) {
+        const float* x = a.x + b * a.ldx + 16 * c;
+        const __m256 xs = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(x), idx),
+                                          _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), idx), 0xF0);
+        acc[b] = _mm256_fmadd_ps(w, xs, acc[b]);
+      }
+    }
+    float sums[TB];
+    for (int b = 0; b < TB; ++b) sums[b] = V::hsum(acc[b]);
+    forward_2_4_tail(a, r, chunks * 4, TB, sums, scratch);
+    const float bias = a.bias != nullptr ? a.bias[r] : 0.f;
+    for (int b = 0; b < TB; ++b) a.y[b * a.ldy + r] = sums[b] + bias;
+  }
+}
+
+template <int TB>
+void forward_2_4_rows(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
+  switch (a.vtype) {
+    case ValueType::kFloat32: return forward_2_4_typed<TB, ValueType::kFloat32>(a, r0, r1, scratch);
+    case ValueType::kFloat16: return forward_2_4_typed<TB, ValueType::kFloat16>(a, r0, r1, scratch);
+    case ValueType::kBFloat16: return forward_2_4_typed<TB, ValueType::kBFloat16>(a, r0, r1, scratch);
+  }
+}
+
+}  // namespace spmm_avx2
+}  // namespace sparsekit
+
+namespace sparsekit {
+const SpmmKernels& spmm_kernels_avx2() {
+  static const SpmmKernels k =
+      spmm_avx2::make_kernels("avx2", std::make_integer_sequence<int, kMaxTileRegs>{});
+  return k;
+}
+}  // namespace sparsekit
+
+#pragma GCC pop_options
+#endif

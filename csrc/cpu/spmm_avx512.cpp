@@ -1,0 +1,127 @@
+// CPU N:M products with AVX-512 F/BW/VL/DQ (16 floats per vector), chosen at run time.
+// Every function below the pragma is compiled for those extensions; torch headers and
+// nm_format.h are included before it so their inline code keeps the baseline target.
+#include <cstdint>
+#include <utility>
+
+#include "spmm.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+
+namespace sparsekit {
+namespace spmm_avx512 {
+
+struct V {
+  static constexpr bool kHasForward24 = true;
+  static constexpr int kLanes = 16;
+  using reg = __m512;
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, reg a) { _mm512_storeu_ps(p, a); }
+  static reg bcast(float x) { return _mm512_set1_ps(x); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static float hsum(reg a) { return _mm512_reduce_add_ps(a); }
+  static void widen16(const uint16_t* in, int64_t count, bool bf16, float* out) {
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i));
+      const __m512 f = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                            : _mm512_cvtph_ps(h);
+      _mm512_storeu_ps(out + i, f);
+    }
+    for (; i < count; ++i) {
+      if (bf16) {
+        const uint32_t bits = static_cast<uint32_t>(in[i]) << 16;
+        __builtin_memcpy(out + i, &bits, sizeof(float));
+      } else {
+        out[i] = _cvtsh_ss(in[i]);
+      }
+    }
+  }
+};
+}  // namespace spmm_avx512
+}  // namespace sparsekit
+
+#define SK_ISA_NS spmm_avx512
+#include "spmm_kernels.h"
+
+namespace sparsekit {
+namespace spmm_avx512 {
+
+// 16 kept values of a 32-column chunk (8 groups) widened to fp32.
+template <ValueType VT>
+inline __m512 load16(const void* values, int64_t at) {
+  if constexpr (VT == ValueType::kFloat32) {
+    return _mm512_loadu_ps(static_cast<const float*>(values) + at);
+  } else {
+    const __m256i h = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(values) + at));
+    if constexpr (VT == ValueType::kFloat16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+// 2:4 forward for TB rows of x: per 32 columns, the 4 metadata bytes become 16 lane
+// indices in registers (lane j: 4 * (j / 2) + ((meta >> 2j) & 3)), and one two-source
+// permute gathers the x entries the 16 kept values multiply.
+template <int TB, ValueType VT>
+void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
+  const NMLayout& L = a.layout;
+  const int64_t chunks = L.groups / 8;
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i three = _mm512_set1_epi32(3);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* meta = a.metadata + r * L.meta_bytes_per_row;
+    const int64_t vbase = r * L.values_per_row;
+    __m512 acc[TB];
+    for (int b = 0; b < TB; ++b) acc[b] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      uint32_t m32;
+      __builtin_memcpy(&m32, meta + 4 * c, 4);
+      const __m512i idx = _mm512_add_epi32(
+          _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(m32)), shifts), three),
+          base);
+      const __m512 w = load16<VT>(a.values, vbase + 16 * c);
+      for (int b = 0; b < TB; ++b) {
+        const float* x = a.x + b * a.ldx + 32 * c;
+        const __m512 xs = _mm512_permutex2var_ps(_mm512_loadu_ps(x), idx, _mm512_loadu_ps(x + 16));
+        acc[b] = _mm512_fmadd_ps(w, xs, acc[b]);
+      }
+    }
+    float sums[TB];
+    for (int b = 0; b < TB; ++b) sums[b] = _mm512_reduce_add_ps(acc[b]);
+    forward_2_4_tail(a, r, chunks * 8, TB, sums, scratch);
+    const float bias = a.bias != nullptr ? a.bias[r] : 0.f;
+    for (int b = 0; b < TB; ++b) a.y[b * a.ldy + r] = sums[b] + bias;
+  }
+}
+
+template <int TB>
+void forward_2_4_rows(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
+  switch (a.vtype) {
+    case ValueType::kFloat32: return forward_2_4_typed<TB, ValueType::kFloat32>(a, r0, r1, scratch);
+    case ValueType::kFloat16: return forward_2_4_typed<TB, ValueType::kFloat16>(a, r0, r1, scratch);
+    case ValueType::kBFloat16: return forward_2_4_typed<TB, ValueType::kBFloat16>(a, r0, r1, scratch);
+  }
+}
+
+}  // namespace spmm_avx512
+}  // namespace sparsekit
+
+namespace sparsekit {
+const SpmmKernels& spmm_kernels_avx512() {
+  static const SpmmKernels k =
+      spmm_avx512::make_kernels("avx512", std::make_integer_sequence<int, kMaxTileRegs>{});
+  return k;
+}
+}  // namespace sparsekit
+
+#pragma GCC pop_options
+#endif

@@ -1,0 +1,195 @@
+// N:M sparse products on the CPU, written once over a small vector abstraction `V` and
+// compiled per instruction set (spmm_scalar.cpp, spmm_avx2.cpp, spmm_avx512.cpp). Each of
+// those files defines SK_ISA_NS and its `V` before including this header, so the inline
+// code below exists once per ISA under distinct names (no ODR clash between targets).
+//
+// Layout: the batch is the vector dimension. Activations are transposed into xT[Kp, ld]
+// (batch padded with zeros to whole vectors), so one kept weight w at column c adds
+// w * xT[c, :] to a whole row of outputs: one broadcast and NB vector FMAs. Only kept
+// weights are multiplied (half the FLOPs of dense for 2:4), the compressed row is read
+// once per batch tile, and its index decode is shared by the whole tile.
+//
+//   forward      yT[r, :]  = sum_j v[r, j] * xT[col(r, j), :]  (+ bias[r])
+//   grad input   gxT[c, :] += v[r, j] * gyT[r, :]  for c = col(r, j)   (threads own columns)
+//   sddmm        gv[r, j]  = dot(gyT[r, :], xT[col(r, j), :])
+//
+// Values arrive as fp32, fp16 or bf16 and are widened to fp32 per row; all arithmetic is
+// fp32. Metadata must be canonical (the op validates it before any kernel runs).
+#pragma once
+
+#include <cstdint>
+#include <utility>
+
+#include "spmm.h"
+
+#ifndef SK_ISA_NS
+#error "define SK_ISA_NS and the vector type V before including spmm_kernels.h"
+#endif
+
+namespace sparsekit {
+namespace SK_ISA_NS {
+
+// Widens a row's values [first, first + count) to fp32.
+inline void load_values(const SpmmArgs& a, int64_t r, int64_t first, int64_t count, float* out) {
+  const int64_t base = r * a.layout.values_per_row + first;
+  if (a.vtype == ValueType::kFloat32) {
+    const float* v = static_cast<const float*>(a.values) + base;
+    for (int64_t i = 0; i < count; ++i) out[i] = v[i];
+  } else {
+    V::widen16(static_cast<const uint16_t*>(a.values) + base, count,
+               a.vtype == ValueType::kBFloat16, out);
+  }
+}
+
+// Offsets (column * ld) of row r's kept entries in groups [g0, g1), g0 chunk-aligned.
+inline void decode_offsets(const SpmmArgs& a, int64_t r, int64_t g0, int64_t g1, int64_t* offs) {
+  const NMLayout& L = a.layout;
+  const uint8_t* meta = a.metadata + r * L.meta_bytes_per_row;
+  const int64_t ld = a.ld;
+  if (L.n == 2 && L.m == 4) {  // one byte = two groups, low nibble first
+    int64_t g = g0, o = 0;
+    for (; g + 1 < g1; g += 2, o += 4) {
+      const uint32_t byte = meta[g / 2];
+      offs[o + 0] = (g * 4 + (byte & 3u)) * ld;
+      offs[o + 1] = (g * 4 + ((byte >> 2) & 3u)) * ld;
+      offs[o + 2] = (g * 4 + 4 + ((byte >> 4) & 3u)) * ld;
+      offs[o + 3] = (g * 4 + 4 + (byte >> 6)) * ld;
+    }
+    if (g < g1) {
+      const uint32_t byte = meta[g / 2];
+      offs[o + 0] = (g * 4 + (byte & 3u)) * ld;
+      offs[o + 1] = (g * 4 + ((byte >> 2) & 3u)) * ld;
+    }
+    return;
+  }
+  BitReader reader(meta + (g0 * L.n * L.bits) / 8);
+  int64_t o = 0;
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int j = 0; j < L.n; ++j, ++o) {
+      // Clamped: non-canonical metadata (an index >= M) must not read outside the row.
+      const int64_t idx = static_cast<int64_t>(reader.get(L.bits));
+      offs[o] = (g * L.m + (idx < L.m ? idx : L.m - 1)) * ld;
+    }
+  }
+}
+
+template <int NB>
+void forward_rows(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
+  const int64_t count = a.layout.values_per_row;
+  float* vals = scratch;
+  int64_t* offs = reinterpret_cast<int64_t*>(scratch + count + 8);
+  for (int64_t r = r0; r < r1; ++r) {
+    load_values(a, r, 0, count, vals);
+    decode_offsets(a, r, 0, a.layout.groups, offs);
+    // S independent accumulator sets hide the FMA latency when NB alone is too few chains.
+    constexpr int S = NB >= 4 ? 2 : 4 / NB;
+    typename V::reg acc[S][NB];
+    for (int s = 0; s < S; ++s)
+      for (int t = 0; t < NB; ++t) acc[s][t] = V::zero();
+    int64_t i = 0;
+    for (; i + S <= count; i += S) {
+      for (int s = 0; s < S; ++s) {
+        const typename V::reg w = V::bcast(vals[i + s]);
+        const float* x = a.xT + offs[i + s];
+        for (int t = 0; t < NB; ++t) acc[s][t] = V::fma(w, V::load(x + t * V::kLanes), acc[s][t]);
+      }
+    }
+    for (; i < count; ++i) {
+      const typename V::reg w = V::bcast(vals[i]);
+      const float* x = a.xT + offs[i];
+      for (int t = 0; t < NB; ++t) acc[0][t] = V::fma(w, V::load(x + t * V::kLanes), acc[0][t]);
+    }
+    for (int s = 1; s < S; ++s)
+      for (int t = 0; t < NB; ++t) acc[0][t] = V::add(acc[0][t], acc[s][t]);
+    if (a.bias != nullptr) {
+      const typename V::reg b = V::bcast(a.bias[r]);
+      for (int t = 0; t < NB; ++t) acc[0][t] = V::add(acc[0][t], b);
+    }
+    float* y = a.out + r * a.ld;
+    for (int t = 0; t < NB; ++t) V::store(y + t * V::kLanes, acc[0][t]);
+  }
+}
+
+template <int NB>
+void grad_input_groups(const SpmmArgs& a, int64_t g0, int64_t g1, float* scratch) {
+  const int64_t n = a.layout.n, count = (g1 - g0) * n;
+  float* vals = scratch;
+  int64_t* offs = reinterpret_cast<int64_t*>(scratch + count + 8);
+  for (int64_t r = 0; r < a.rows; ++r) {
+    load_values(a, r, g0 * n, count, vals);
+    decode_offsets(a, r, g0, g1, offs);
+    typename V::reg gy[NB];
+    for (int t = 0; t < NB; ++t) gy[t] = V::load(a.gyT + r * a.ld + t * V::kLanes);
+    for (int64_t i = 0; i < count; ++i) {
+      const typename V::reg w = V::bcast(vals[i]);
+      float* gx = a.out + offs[i];
+      for (int t = 0; t < NB; ++t) {
+        V::store(gx + t * V::kLanes, V::fma(w, gy[t], V::load(gx + t * V::kLanes)));
+      }
+    }
+  }
+}
+
+template <int NB>
+void sddmm_rows(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
+  const int64_t count = a.layout.values_per_row;
+  int64_t* offs = reinterpret_cast<int64_t*>(scratch + count + 8);
+  for (int64_t r = r0; r < r1; ++r) {
+    decode_offsets(a, r, 0, a.layout.groups, offs);
+    typename V::reg gy[NB];
+    for (int t = 0; t < NB; ++t) gy[t] = V::load(a.gyT + r * a.ld + t * V::kLanes);
+    float* gv = a.out + r * count;
+    for (int64_t i = 0; i < count; ++i) {
+      const float* x = a.xT + offs[i];
+      typename V::reg acc = V::mul(gy[0], V::load(x));
+      for (int t = 1; t < NB; ++t) acc = V::fma(gy[t], V::load(x + t * V::kLanes), acc);
+      gv[i] += V::hsum(acc);
+    }
+  }
+}
+
+// Defined by ISA files whose V::kHasForward24 is true (after including this header).
+template <int TB>
+void forward_2_4_rows(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch);
+
+// Scalar tail of the 2:4 forward: groups [g0, groups) of row r, added to sums[0..tb).
+inline void forward_2_4_tail(const SpmmArgs& a, int64_t r, int64_t g0, int tb, float* sums,
+                             float* scratch) {
+  const NMLayout& L = a.layout;
+  const int64_t count = (L.groups - g0) * 2;
+  if (count == 0) return;
+  load_values(a, r, g0 * 2, count, scratch);
+  const uint8_t* meta = a.metadata + r * L.meta_bytes_per_row;
+  for (int64_t g = g0; g < L.groups; ++g) {
+    const uint32_t nib = (meta[g / 2] >> (4 * (g & 1))) & 0xFu;
+    const int64_t c0 = g * 4 + (nib & 3u), c1 = g * 4 + (nib >> 2);
+    const float v0 = scratch[(g - g0) * 2], v1 = scratch[(g - g0) * 2 + 1];
+    for (int b = 0; b < tb; ++b) {
+      const float* x = a.x + b * a.ldx;
+      sums[b] += v0 * x[c0] + v1 * x[c1];
+    }
+  }
+}
+
+// The ISA file may define forward_2_4_rows<TB> (V::kHasForward24); otherwise none.
+template <int TB>
+RowKernel forward_2_4_entry() {
+  if constexpr (V::kHasForward24) {
+    return &forward_2_4_rows<TB>;
+  } else {
+    return nullptr;
+  }
+}
+
+template <int... NB>
+SpmmKernels make_kernels(const char* isa, std::integer_sequence<int, NB...>) {
+  return SpmmKernels{isa,
+                     V::kLanes,
+                     {&forward_rows<NB + 1>...},
+                     {&grad_input_groups<NB + 1>...},
+                     {&sddmm_rows<NB + 1>...},
+                     {forward_2_4_entry<NB + 1>()...}};
+}
+
+}  // namespace SK_ISA_NS
+}  // namespace sparsekit
