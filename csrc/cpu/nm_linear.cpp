@@ -86,6 +86,13 @@ int64_t batch_tile(const SpmmKernels& k) { return static_cast<int64_t>(k.lanes) 
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
+// Groups per K-block so that a block of xT (or gxT) rows, ld floats each, stays in L1.
+int64_t block_groups(const NMLayout& L, int64_t ld) {
+  const int64_t cols = (24 * 1024) / (4 * ld);
+  const int64_t chunk_cols = int64_t{L.chunk_groups} * L.m;
+  return std::max<int64_t>(1, cols / chunk_cols) * L.chunk_groups;
+}
+
 // src2d[b0:b0+tb, :cols] transposed into a zero-padded fp32 [rows_p, ld] buffer.
 at::Tensor transpose_tile(const at::Tensor& src2d, int64_t b0, int64_t tb, int64_t rows_p, int64_t ld) {
   at::Tensor t = at::zeros({rows_p, ld}, src2d.options().dtype(at::kFloat));
@@ -94,7 +101,7 @@ at::Tensor transpose_tile(const at::Tensor& src2d, int64_t b0, int64_t tb, int64
 }
 
 std::vector<float> scratch_for(const NMLayout& L) {
-  return std::vector<float>(3 * L.values_per_row + 16);
+  return std::vector<float>(scratch_floats(L));
 }
 
 void check_batch_operand(const at::Tensor& t, const char* name, int64_t last, const char* what) {
@@ -155,7 +162,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
       xb.narrow(1, 0, k).copy_(x2.narrow(0, b0, tb));
       at::Tensor yb = at::empty({tb, rows}, x.options().dtype(at::kFloat));
       SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
-                 L, rows, 0, nullptr, nullptr, nullptr, bias_p,
+                 L, rows, 0, nullptr, nullptr, nullptr, bias_p, L.groups,
                  xb.const_data_ptr<float>(), ldx, yb.data_ptr<float>(), rows};
       const RowKernel fn = kern.forward_2_4[tb - 1];
       at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
@@ -172,7 +179,8 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     const at::Tensor xT = transpose_tile(x2, b0, tb, kp, ld);
     at::Tensor yT = at::empty({rows, ld}, x.options().dtype(at::kFloat));
     SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
-               L, rows, ld, xT.const_data_ptr<float>(), nullptr, yT.data_ptr<float>(), bias_p};
+               L, rows, ld, xT.const_data_ptr<float>(), nullptr, yT.data_ptr<float>(), bias_p,
+               block_groups(L, ld)};
     const RowKernel fn = kern.forward[ld / kern.lanes - 1];
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
       std::vector<float> scratch = scratch_for(L);
@@ -204,7 +212,8 @@ at::Tensor nm_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
     const at::Tensor gyT = transpose_tile(gy2, b0, tb, rows, ld);
     at::Tensor gxT = at::zeros({kp, ld}, grad_out.options().dtype(at::kFloat));
     SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
-               L, rows, ld, nullptr, gyT.const_data_ptr<float>(), gxT.data_ptr<float>(), nullptr};
+               L, rows, ld, nullptr, gyT.const_data_ptr<float>(), gxT.data_ptr<float>(), nullptr,
+               block_groups(L, ld)};
     const RowKernel fn = kern.grad_input[ld / kern.lanes - 1];
     // Threads own whole chunks of groups: disjoint columns of gxT, byte-aligned metadata.
     at::parallel_for(0, L.chunks_per_row, 1, [&](int64_t c0, int64_t c1) {
@@ -251,7 +260,8 @@ at::Tensor nm_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const a
     const at::Tensor xT = transpose_tile(x2, b0, tb, kp, ld);
     const at::Tensor gyT = transpose_tile(gy2, b0, tb, rows, ld);
     SpmmArgs a{nullptr, ValueType::kFloat32, meta_c.const_data_ptr<uint8_t>(), L, rows, ld,
-               xT.const_data_ptr<float>(), gyT.const_data_ptr<float>(), gv.data_ptr<float>(), nullptr};
+               xT.const_data_ptr<float>(), gyT.const_data_ptr<float>(), gv.data_ptr<float>(), nullptr,
+               block_groups(L, ld)};
     const RowKernel fn = kern.sddmm[ld / kern.lanes - 1];
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
       std::vector<float> scratch = scratch_for(L);

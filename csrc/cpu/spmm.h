@@ -22,6 +22,9 @@ struct SpmmArgs {
   float* out;               // forward: yT [rows, ld]; grad input: gxT [Kp, ld] (accumulated);
                             // sddmm: gv [rows, values_per_row] (accumulated)
   const float* bias;        // forward only, may be null
+  // Groups per K-block (a multiple of layout.chunk_groups): the batch kernels sweep K in
+  // blocks whose xT/gxT rows stay in L1, carrying partial sums across blocks.
+  int64_t block_groups;
   // 2:4 small-batch forward (row-major operands): x [tb, ldx] fp32 with ldx a multiple of
   // 32 and zero padding beyond K; y [tb, ldy] fp32.
   const float* x;
@@ -31,10 +34,15 @@ struct SpmmArgs {
 };
 
 constexpr int kMaxTileRegs = 8;  // NB = 1..8 vector registers of batch per pass
+constexpr int kRowTile = 16;     // rows decoded together by the batch forward
+
+// Floats of per-thread scratch every kernel may use: kRowTile rows of fp32 values and of
+// int64 offsets.
+inline int64_t scratch_floats(const NMLayout& L) { return 3 * kRowTile * L.values_per_row + 32; }
 
 // One ISA's kernels, indexed by NB - 1. forward and sddmm cover rows [r0, r1); grad_input
 // covers groups [g0, g1) of every row (g0 a multiple of layout.chunk_groups), so threads
-// own disjoint columns of gxT. `scratch` holds 3 * values_per_row + 16 floats.
+// own disjoint columns of gxT. `scratch` holds scratch_floats(layout) floats.
 using RowKernel = void (*)(const SpmmArgs&, int64_t, int64_t, float*);
 struct SpmmKernels {
   const char* isa;

@@ -73,58 +73,85 @@ inline void decode_offsets(const SpmmArgs& a, int64_t r, int64_t g0, int64_t g1,
   }
 }
 
+// acc[0][t] += sum over S sets; S independent accumulator sets hide the FMA latency when
+// NB alone gives too few chains.
+template <int NB>
+inline void accumulate(const float* vals, const int64_t* offs, int64_t count, const float* base,
+                       typename V::reg (&out)[NB]) {
+  constexpr int S = NB >= 4 ? 2 : 4 / NB;
+  typename V::reg acc[S][NB];
+  for (int t = 0; t < NB; ++t) acc[0][t] = out[t];
+  for (int s = 1; s < S; ++s)
+    for (int t = 0; t < NB; ++t) acc[s][t] = V::zero();
+  int64_t i = 0;
+  for (; i + S <= count; i += S) {
+    for (int s = 0; s < S; ++s) {
+      const typename V::reg w = V::bcast(vals[i + s]);
+      const float* x = base + offs[i + s];
+      for (int t = 0; t < NB; ++t) acc[s][t] = V::fma(w, V::load(x + t * V::kLanes), acc[s][t]);
+    }
+  }
+  for (; i < count; ++i) {
+    const typename V::reg w = V::bcast(vals[i]);
+    const float* x = base + offs[i];
+    for (int t = 0; t < NB; ++t) acc[0][t] = V::fma(w, V::load(x + t * V::kLanes), acc[0][t]);
+  }
+  for (int s = 1; s < S; ++s)
+    for (int t = 0; t < NB; ++t) acc[0][t] = V::add(acc[0][t], acc[s][t]);
+  for (int t = 0; t < NB; ++t) out[t] = acc[0][t];
+}
+
+// Forward over rows [r0, r1) in tiles of kRowTile rows: the tile's compressed rows are read
+// once, sequentially, and decoded into scratch (values + offsets); then K is swept in
+// blocks whose xT rows stay in L1, every row of the tile accumulating into its yT row.
 template <int NB>
 void forward_rows(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
-  const int64_t count = a.layout.values_per_row;
+  const NMLayout& L = a.layout;
+  const int64_t vpr = L.values_per_row;
   float* vals = scratch;
-  int64_t* offs = reinterpret_cast<int64_t*>(scratch + count + 8);
-  for (int64_t r = r0; r < r1; ++r) {
-    load_values(a, r, 0, count, vals);
-    decode_offsets(a, r, 0, a.layout.groups, offs);
-    // S independent accumulator sets hide the FMA latency when NB alone is too few chains.
-    constexpr int S = NB >= 4 ? 2 : 4 / NB;
-    typename V::reg acc[S][NB];
-    for (int s = 0; s < S; ++s)
-      for (int t = 0; t < NB; ++t) acc[s][t] = V::zero();
-    int64_t i = 0;
-    for (; i + S <= count; i += S) {
-      for (int s = 0; s < S; ++s) {
-        const typename V::reg w = V::bcast(vals[i + s]);
-        const float* x = a.xT + offs[i + s];
-        for (int t = 0; t < NB; ++t) acc[s][t] = V::fma(w, V::load(x + t * V::kLanes), acc[s][t]);
+  int64_t* offs = reinterpret_cast<int64_t*>(scratch + kRowTile * vpr + 16);
+  for (int64_t rt = r0; rt < r1; rt += kRowTile) {
+    const int64_t nr = r1 - rt < kRowTile ? r1 - rt : kRowTile;
+    for (int64_t i = 0; i < nr; ++i) {
+      load_values(a, rt + i, 0, vpr, vals + i * vpr);
+      decode_offsets(a, rt + i, 0, L.groups, offs + i * vpr);
+      float* y = a.out + (rt + i) * a.ld;
+      const typename V::reg b = V::bcast(a.bias != nullptr ? a.bias[rt + i] : 0.f);
+      for (int t = 0; t < NB; ++t) V::store(y + t * V::kLanes, b);
+    }
+    for (int64_t g0 = 0; g0 < L.groups; g0 += a.block_groups) {
+      const int64_t g1 = g0 + a.block_groups < L.groups ? g0 + a.block_groups : L.groups;
+      const int64_t j0 = g0 * L.n, count = (g1 - g0) * L.n;
+      for (int64_t i = 0; i < nr; ++i) {
+        float* y = a.out + (rt + i) * a.ld;
+        typename V::reg acc[NB];
+        for (int t = 0; t < NB; ++t) acc[t] = V::load(y + t * V::kLanes);
+        accumulate<NB>(vals + i * vpr + j0, offs + i * vpr + j0, count, a.xT, acc);
+        for (int t = 0; t < NB; ++t) V::store(y + t * V::kLanes, acc[t]);
       }
     }
-    for (; i < count; ++i) {
-      const typename V::reg w = V::bcast(vals[i]);
-      const float* x = a.xT + offs[i];
-      for (int t = 0; t < NB; ++t) acc[0][t] = V::fma(w, V::load(x + t * V::kLanes), acc[0][t]);
-    }
-    for (int s = 1; s < S; ++s)
-      for (int t = 0; t < NB; ++t) acc[0][t] = V::add(acc[0][t], acc[s][t]);
-    if (a.bias != nullptr) {
-      const typename V::reg b = V::bcast(a.bias[r]);
-      for (int t = 0; t < NB; ++t) acc[0][t] = V::add(acc[0][t], b);
-    }
-    float* y = a.out + r * a.ld;
-    for (int t = 0; t < NB; ++t) V::store(y + t * V::kLanes, acc[0][t]);
   }
 }
 
 template <int NB>
-void grad_input_groups(const SpmmArgs& a, int64_t g0, int64_t g1, float* scratch) {
-  const int64_t n = a.layout.n, count = (g1 - g0) * n;
+void grad_input_groups(const SpmmArgs& a, int64_t g_begin, int64_t g_end, float* scratch) {
+  const int64_t n = a.layout.n;
   float* vals = scratch;
-  int64_t* offs = reinterpret_cast<int64_t*>(scratch + count + 8);
-  for (int64_t r = 0; r < a.rows; ++r) {
-    load_values(a, r, g0 * n, count, vals);
-    decode_offsets(a, r, g0, g1, offs);
-    typename V::reg gy[NB];
-    for (int t = 0; t < NB; ++t) gy[t] = V::load(a.gyT + r * a.ld + t * V::kLanes);
-    for (int64_t i = 0; i < count; ++i) {
-      const typename V::reg w = V::bcast(vals[i]);
-      float* gx = a.out + offs[i];
-      for (int t = 0; t < NB; ++t) {
-        V::store(gx + t * V::kLanes, V::fma(w, gy[t], V::load(gx + t * V::kLanes)));
+  int64_t* offs = reinterpret_cast<int64_t*>(scratch + a.layout.values_per_row + 8);
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += a.block_groups) {
+    const int64_t g1 = g0 + a.block_groups < g_end ? g0 + a.block_groups : g_end;
+    const int64_t count = (g1 - g0) * n;
+    for (int64_t r = 0; r < a.rows; ++r) {
+      load_values(a, r, g0 * n, count, vals);
+      decode_offsets(a, r, g0, g1, offs);
+      typename V::reg gy[NB];
+      for (int t = 0; t < NB; ++t) gy[t] = V::load(a.gyT + r * a.ld + t * V::kLanes);
+      for (int64_t i = 0; i < count; ++i) {
+        const typename V::reg w = V::bcast(vals[i]);
+        float* gx = a.out + offs[i];
+        for (int t = 0; t < NB; ++t) {
+          V::store(gx + t * V::kLanes, V::fma(w, gy[t], V::load(gx + t * V::kLanes)));
+        }
       }
     }
   }
@@ -132,18 +159,22 @@ void grad_input_groups(const SpmmArgs& a, int64_t g0, int64_t g1, float* scratch
 
 template <int NB>
 void sddmm_rows(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
-  const int64_t count = a.layout.values_per_row;
-  int64_t* offs = reinterpret_cast<int64_t*>(scratch + count + 8);
-  for (int64_t r = r0; r < r1; ++r) {
-    decode_offsets(a, r, 0, a.layout.groups, offs);
-    typename V::reg gy[NB];
-    for (int t = 0; t < NB; ++t) gy[t] = V::load(a.gyT + r * a.ld + t * V::kLanes);
-    float* gv = a.out + r * count;
-    for (int64_t i = 0; i < count; ++i) {
-      const float* x = a.xT + offs[i];
-      typename V::reg acc = V::mul(gy[0], V::load(x));
-      for (int t = 1; t < NB; ++t) acc = V::fma(gy[t], V::load(x + t * V::kLanes), acc);
-      gv[i] += V::hsum(acc);
+  const NMLayout& L = a.layout;
+  int64_t* offs = reinterpret_cast<int64_t*>(scratch + L.values_per_row + 8);
+  for (int64_t g0 = 0; g0 < L.groups; g0 += a.block_groups) {
+    const int64_t g1 = g0 + a.block_groups < L.groups ? g0 + a.block_groups : L.groups;
+    const int64_t count = (g1 - g0) * L.n;
+    for (int64_t r = r0; r < r1; ++r) {
+      decode_offsets(a, r, g0, g1, offs);
+      typename V::reg gy[NB];
+      for (int t = 0; t < NB; ++t) gy[t] = V::load(a.gyT + r * a.ld + t * V::kLanes);
+      float* gv = a.out + r * L.values_per_row + g0 * L.n;
+      for (int64_t i = 0; i < count; ++i) {
+        const float* x = a.xT + offs[i];
+        typename V::reg acc = V::mul(gy[0], V::load(x));
+        for (int t = 1; t < NB; ++t) acc = V::fma(gy[t], V::load(x + t * V::kLanes), acc);
+        gv[i] += V::hsum(acc);
+      }
     }
   }
 }

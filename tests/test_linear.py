@@ -1,0 +1,157 @@
+"""CPU N:M products (nm_linear, nm_linear_grad_input, nm_sddmm) against the fp64
+reference, on every ISA variant this machine runs, odd shapes and every dtype."""
+
+import pytest
+import torch
+
+import sparsekit as sk
+from sparsekit import ops, reference
+
+ISAS = [isa for isa in ("avx512", "avx2", "scalar") if isa in sk.build_info().get("cpu_isa_compiled", [])]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+PATTERNS = [(2, 4), (1, 4), (4, 8), (3, 7), (1, 2)]
+# (batch shape, K, rows): batch 0, one row, K not a multiple of M or of the SIMD chunk.
+SHAPES = [((1,), 64, 16), ((5,), 37, 9), ((3, 4), 100, 7), ((16,), 130, 1), ((17,), 36, 5),
+          ((300,), 130, 33), ((0,), 24, 6), ((2, 0, 3), 8, 4)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if not ops.set_cpu_isa(request.param):
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    ops.set_cpu_isa(ISAS[0]) or ops.set_cpu_isa("avx2") or ops.set_cpu_isa("scalar")
+
+
+def rel_err(out, ref):
+    ref = ref.double()
+    if ref.numel() == 0:
+        return 0.0
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def operands(batch, k, rows, n, m, dtype):
+    t = sk.compress(torch.randn(rows, k, dtype=torch.float64).to(dtype), n, m, prune=True)
+    x = torch.randn(*batch, k, dtype=torch.float64).to(dtype)
+    gy = torch.randn(*batch, rows, dtype=torch.float64).to(dtype)
+    bias = torch.randn(rows, dtype=torch.float64).to(dtype)
+    return t, x, gy, bias
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("batch,k,rows", SHAPES)
+def test_products_match_fp64_reference(isa, dtype, n, m, batch, k, rows):
+    t, x, gy, bias = operands(batch, k, rows, n, m, dtype)
+    v64 = t.values.double()
+    y = ops.nm_linear(x, t.values, t.metadata, bias, k, n, m)
+    assert y.dtype == dtype and y.shape == (*batch, rows)
+    assert rel_err(y, reference.nm_linear(x.double(), v64, t.metadata, bias.double(), k, n, m)) < TOL[dtype]
+    gx = ops.nm_linear_grad_input(gy, t.values, t.metadata, k, n, m)
+    assert gx.shape == x.shape
+    assert rel_err(gx, reference.nm_linear_grad_input(gy.double(), v64, t.metadata, k, n, m)) < TOL[dtype]
+    gv = ops.nm_sddmm(gy, x, t.metadata, k, n, m)
+    assert gv.shape == t.values.shape and gv.dtype == dtype
+    assert rel_err(gv, reference.nm_sddmm(gy.double(), x.double(), t.metadata, k, n, m)) < TOL[dtype]
+
+
+def test_non_contiguous_and_3d_inputs(isa):
+    t, x, gy, bias = operands((6, 5), 64, 12, 2, 4, torch.float32)
+    xt = x.transpose(0, 1)  # [5, 6, 64], not contiguous
+    y = ops.nm_linear(xt, t.values, t.metadata, bias, 64, 2, 4)
+    ref = reference.nm_linear(xt.double(), t.values.double(), t.metadata, bias.double(), 64, 2, 4)
+    assert rel_err(y, ref) < 1e-5
+
+
+def test_large_batch_crosses_tiles(isa):
+    # More rows of x than one batch tile: the kernels loop over tiles and accumulate.
+    t, x, gy, bias = operands((261,), 96, 40, 2, 4, torch.float32)
+    assert rel_err(ops.nm_linear(x, t.values, t.metadata, bias, 96, 2, 4),
+                   reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), 96, 2, 4)) < 1e-5
+    assert rel_err(ops.nm_sddmm(gy, x, t.metadata, 96, 2, 4),
+                   reference.nm_sddmm(gy.double(), x.double(), t.metadata, 96, 2, 4)) < 1e-5
+
+
+def test_gradcheck_fp64_through_reference_and_op():
+    # K a multiple of M: a value slot in K's padding is not a weight and must stay 0, so
+    # gradcheck may not perturb it.
+    t, x, gy, bias = operands((3,), 16, 5, 2, 4, torch.float64)
+    values = t.values.clone().requires_grad_()
+    x = x.requires_grad_()
+    bias = bias.requires_grad_()
+    for fn in (reference.nm_linear, ops.nm_linear):
+        assert torch.autograd.gradcheck(lambda x, v, b: fn(x, v, t.metadata, b, 16, 2, 4),
+                                        (x, values, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_gradients_equal_reference_gradients(isa, dtype):
+    t, x, gy, bias = operands((7,), 40, 9, 2, 4, dtype)
+    grads = []
+    for fn, cast in ((ops.nm_linear, lambda a: a), (reference.nm_linear, lambda a: a.double())):
+        xs = cast(x).clone().requires_grad_()
+        vs = cast(t.values).clone().requires_grad_()
+        bs = cast(bias).clone().requires_grad_()
+        fn(xs, vs, t.metadata, bs, 40, 2, 4).backward(cast(gy))
+        grads.append((xs.grad, vs.grad, bs.grad))
+    for got, want in zip(*grads):
+        assert rel_err(got, want) < TOL[dtype]
+
+
+def test_pruned_weights_get_no_gradient_slot():
+    t, x, gy, bias = operands((4,), 16, 3, 2, 4, torch.float32)
+    values = t.values.clone().requires_grad_()
+    ops.nm_linear(x, values, t.metadata, None, 16, 2, 4).sum().backward()
+    assert values.grad.shape == t.values.shape  # only kept entries exist to be trained
+
+
+def test_fp64_runs_exactly_through_dense_fallback():
+    t, x, gy, bias = operands((3,), 20, 4, 2, 4, torch.float64)
+    y = ops.nm_linear(x, t.values, t.metadata, bias, 20, 2, 4)
+    assert torch.allclose(y, reference.nm_linear(x, t.values, t.metadata, bias, 20, 2, 4), rtol=1e-12)
+
+
+def test_bad_input_is_named():
+    t, x, gy, bias = operands((2,), 16, 4, 2, 4, torch.float32)
+    with pytest.raises(ValueError, match="x must have k = 16"):
+        ops.nm_linear(torch.randn(2, 15), t.values, t.metadata, None, 16, 2, 4)
+    with pytest.raises(TypeError, match="x .* must have the dtype of the weight values"):
+        ops.nm_linear(x.half(), t.values, t.metadata, None, 16, 2, 4)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.nm_linear(x, t.values, t.metadata, torch.zeros(5), 16, 2, 4)
+    with pytest.raises(ValueError, match="values must have shape"):
+        ops.nm_linear(x, t.values[:, :-1], t.metadata, None, 16, 2, 4)
+    with pytest.raises(ValueError, match="metadata must have shape"):
+        ops.nm_linear(x, t.values, t.metadata[:3], None, 16, 2, 4)
+    with pytest.raises(ValueError, match="grad_out must have"):
+        ops.nm_linear_grad_input(torch.randn(2, 5), t.values, t.metadata, 16, 2, 4)
+    with pytest.raises(ValueError, match="metadata must have shape"):
+        ops.nm_sddmm(gy, x, t.metadata[:, :1], 16, 2, 4)
+    with pytest.raises(ValueError, match="same batch"):
+        ops.nm_sddmm(torch.randn(3, 4), x, t.metadata, 16, 2, 4)
+
+
+def _opcheck_samples():
+    for dtype in (torch.float32, torch.bfloat16):
+        t, x, gy, bias = operands((3,), 40, 6, 2, 4, dtype)
+        yield "nm_linear", (x, t.values, t.metadata, bias, 40, 2, 4)
+        yield "nm_linear", (x, t.values, t.metadata, None, 40, 2, 4)
+        yield "nm_linear_grad_input", (gy, t.values, t.metadata, 40, 2, 4)
+        yield "nm_sddmm", (gy, x, t.metadata, 40, 2, 4)
+
+
+@pytest.mark.parametrize("name,args", list(_opcheck_samples()), ids=lambda a: a if isinstance(a, str) else "")
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(torch.ops.sparsekit, name).default, args)
+
+
+def test_opcheck_autograd_path():
+    t, x, gy, bias = operands((3,), 40, 6, 2, 4, torch.float32)
+    args = (x.requires_grad_(), t.values.clone().requires_grad_(), t.metadata, bias.requires_grad_(), 40, 2, 4)
+    torch.library.opcheck(torch.ops.sparsekit.nm_linear.default, args)
+
+
+def test_build_info_reports_active_isa():
+    info = sk.build_info()
+    assert info["cpu_isa_active"] in info["cpu_isa_compiled"]
+    assert not ops.set_cpu_isa("sse9")
