@@ -51,7 +51,8 @@ struct SpmmKernels {
   RowKernel grad_input[kMaxTileRegs];
   RowKernel sddmm[kMaxTileRegs];
   // 2:4 forward for 1..8 rows of x (index = rows - 1), kept-index decode and x permutes in
-  // registers (no transposed copy); null where the ISA has none.
+  // registers (no transposed copy); null where the ISA has none. Its scratch needs only 32
+  // floats (the groups past the last whole SIMD chunk).
   RowKernel forward_2_4[kMaxTileRegs];
 };
 

@@ -86,23 +86,30 @@ void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* meta = a.metadata + r * L.meta_bytes_per_row;
     const int64_t vbase = r * L.values_per_row;
-    __m256 acc[TB];
-    for (int b = 0; b < TB; ++b) acc[b] = _mm256_setzero_ps();
+    // Two accumulator sets (even / odd chunks) for few rows of x: FMA latency, not
+    // throughput, would bound a single chain.
+    constexpr int kSets = TB <= 4 ? 2 : 1;
+    __m256 acc[kSets][TB];
+    for (int s = 0; s < kSets; ++s)
+      for (int b = 0; b < TB; ++b) acc[s][b] = _mm256_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
       uint16_t m16;
       __builtin_memcpy(&m16, meta + 2 * c, 2);
       const __m256i idx = _mm256_add_epi32(
           _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(m16), shifts), three), base);
       const __m256 w = load8<VT>(a.values, vbase + 8 * c);
+      __m256* set = acc[kSets == 2 ? (c & 1) : 0];
       for (int b = 0; b < TB; ++b) {
         const float* x = a.x + b * a.ldx + 16 * c;
         const __m256 xs = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(x), idx),
                                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), idx), 0xF0);
-        acc[b] = _mm256_fmadd_ps(w, xs, acc[b]);
+        set[b] = _mm256_fmadd_ps(w, xs, set[b]);
       }
     }
     float sums[TB];
-    for (int b = 0; b < TB; ++b) sums[b] = V::hsum(acc[b]);
+    for (int b = 0; b < TB; ++b) {
+      sums[b] = V::hsum(kSets == 2 ? _mm256_add_ps(acc[0][b], acc[kSets - 1][b]) : acc[0][b]);
+    }
     forward_2_4_tail(a, r, chunks * 4, TB, sums, scratch);
     const float bias = a.bias != nullptr ? a.bias[r] : 0.f;
     for (int b = 0; b < TB; ++b) a.y[b * a.ldy + r] = sums[b] + bias;

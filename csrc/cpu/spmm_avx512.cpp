@@ -80,8 +80,12 @@ void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* meta = a.metadata + r * L.meta_bytes_per_row;
     const int64_t vbase = r * L.values_per_row;
-    __m512 acc[TB];
-    for (int b = 0; b < TB; ++b) acc[b] = _mm512_setzero_ps();
+    // Two accumulator sets (even / odd chunks) for few rows of x: FMA latency, not
+    // throughput, would bound a single chain.
+    constexpr int kSets = TB <= 4 ? 2 : 1;
+    __m512 acc[kSets][TB];
+    for (int s = 0; s < kSets; ++s)
+      for (int b = 0; b < TB; ++b) acc[s][b] = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
       uint32_t m32;
       __builtin_memcpy(&m32, meta + 4 * c, 4);
@@ -89,14 +93,17 @@ void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
           _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(m32)), shifts), three),
           base);
       const __m512 w = load16<VT>(a.values, vbase + 16 * c);
+      __m512* set = acc[kSets == 2 ? (c & 1) : 0];
       for (int b = 0; b < TB; ++b) {
         const float* x = a.x + b * a.ldx + 32 * c;
         const __m512 xs = _mm512_permutex2var_ps(_mm512_loadu_ps(x), idx, _mm512_loadu_ps(x + 16));
-        acc[b] = _mm512_fmadd_ps(w, xs, acc[b]);
+        set[b] = _mm512_fmadd_ps(w, xs, set[b]);
       }
     }
     float sums[TB];
-    for (int b = 0; b < TB; ++b) sums[b] = _mm512_reduce_add_ps(acc[b]);
+    for (int b = 0; b < TB; ++b) {
+      sums[b] = _mm512_reduce_add_ps(kSets == 2 ? _mm512_add_ps(acc[0][b], acc[kSets - 1][b]) : acc[0][b]);
+    }
     forward_2_4_tail(a, r, chunks * 8, TB, sums, scratch);
     const float bias = a.bias != nullptr ? a.bias[r] : 0.f;
     for (int b = 0; b < TB; ++b) a.y[b * a.ldy + r] = sums[b] + bias;
