@@ -10,6 +10,14 @@ namespace sparsekit {
 
 enum class ValueType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// bf16 is the high half of an fp32.
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
 struct SpmmArgs {
   const void* values;       // [rows, values_per_row] of vtype
   ValueType vtype;

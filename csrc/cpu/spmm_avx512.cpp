@@ -35,14 +35,7 @@ struct V {
                             : _mm512_cvtph_ps(h);
       _mm512_storeu_ps(out + i, f);
     }
-    for (; i < count; ++i) {
-      if (bf16) {
-        const uint32_t bits = static_cast<uint32_t>(in[i]) << 16;
-        __builtin_memcpy(out + i, &bits, sizeof(float));
-      } else {
-        out[i] = _cvtsh_ss(in[i]);
-      }
-    }
+    for (; i < count; ++i) out[i] = bf16 ? bf16_to_float(in[i]) : _cvtsh_ss(in[i]);
   }
 };
 }  // namespace spmm_avx512

@@ -67,14 +67,7 @@ struct V {
     return f;
   }
   static void widen16(const uint16_t* in, int64_t count, bool bf16, float* out) {
-    for (int64_t i = 0; i < count; ++i) {
-      if (bf16) {
-        const uint32_t bits = static_cast<uint32_t>(in[i]) << 16;
-        std::memcpy(out + i, &bits, sizeof(float));
-      } else {
-        out[i] = half_to_float(in[i]);
-      }
-    }
+    for (int64_t i = 0; i < count; ++i) out[i] = bf16 ? bf16_to_float(in[i]) : half_to_float(in[i]);
   }
 };
 
