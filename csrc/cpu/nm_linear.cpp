@@ -88,7 +88,7 @@ int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 // Groups per K-block so that a block of xT (or gxT) rows, ld floats each, stays in L1.
 int64_t block_groups(const NMLayout& L, int64_t ld) {
-  const int64_t cols = (24 * 1024) / (4 * ld);
+  const int64_t cols = (24 * 1024) / (4 * ld);  // measured: 16-24 KB best, 40 KB much worse
   const int64_t chunk_cols = int64_t{L.chunk_groups} * L.m;
   return std::max<int64_t>(1, cols / chunk_cols) * L.chunk_groups;
 }
@@ -181,7 +181,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
                L, rows, ld, xT.const_data_ptr<float>(), nullptr, yT.data_ptr<float>(), bias_p,
                block_groups(L, ld)};
-    const RowKernel fn = kern.forward[ld / kern.lanes - 1];
+    const RowKernel fn = (n == 2 && m == 4 ? kern.forward_2_4_batch : kern.forward)[ld / kern.lanes - 1];
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
       std::vector<float> scratch = scratch_for(L);
       fn(a, r0, r1, scratch.data());
@@ -214,7 +214,7 @@ at::Tensor nm_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
     SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
                L, rows, ld, nullptr, gyT.const_data_ptr<float>(), gxT.data_ptr<float>(), nullptr,
                block_groups(L, ld)};
-    const RowKernel fn = kern.grad_input[ld / kern.lanes - 1];
+    const RowKernel fn = (n == 2 && m == 4 ? kern.grad_input_2_4 : kern.grad_input)[ld / kern.lanes - 1];
     // Threads own whole chunks of groups: disjoint columns of gxT, byte-aligned metadata.
     at::parallel_for(0, L.chunks_per_row, 1, [&](int64_t c0, int64_t c1) {
       std::vector<float> scratch = scratch_for(L);
@@ -262,7 +262,7 @@ at::Tensor nm_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const a
     SpmmArgs a{nullptr, ValueType::kFloat32, meta_c.const_data_ptr<uint8_t>(), L, rows, ld,
                xT.const_data_ptr<float>(), gyT.const_data_ptr<float>(), gv.data_ptr<float>(), nullptr,
                block_groups(L, ld)};
-    const RowKernel fn = kern.sddmm[ld / kern.lanes - 1];
+    const RowKernel fn = (n == 2 && m == 4 ? kern.sddmm_2_4 : kern.sddmm)[ld / kern.lanes - 1];
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
       std::vector<float> scratch = scratch_for(L);
       fn(a, r0, r1, scratch.data());

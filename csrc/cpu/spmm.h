@@ -41,6 +41,21 @@ struct SpmmArgs {
   int64_t ldy;
 };
 
+// 2:4 metadata byte -> the kept columns of its two groups within their 8 columns, one
+// byte each: (idx0, idx1, 4 + idx0', 4 + idx1'), always < 8 even for corrupt metadata.
+struct MetaLanes24 {
+  uint32_t lanes[256];
+};
+constexpr MetaLanes24 make_meta_lanes_2_4() {
+  MetaLanes24 t{};
+  for (uint32_t byte = 0; byte < 256; ++byte) {
+    t.lanes[byte] = (byte & 3u) | ((byte >> 2) & 3u) << 8 | (4u + ((byte >> 4) & 3u)) << 16 |
+                    (4u + (byte >> 6)) << 24;
+  }
+  return t;
+}
+inline constexpr MetaLanes24 kMetaLanes24 = make_meta_lanes_2_4();
+
 constexpr int kMaxTileRegs = 8;  // NB = 1..8 vector registers of batch per pass
 constexpr int kRowTile = 16;     // rows decoded together by the batch forward
 
@@ -62,6 +77,11 @@ struct SpmmKernels {
   // registers (no transposed copy); null where the ISA has none. Its scratch needs only 32
   // floats (the groups past the last whole SIMD chunk).
   RowKernel forward_2_4[kMaxTileRegs];
+  // 2:4 batch forward (xT layout, ld = NB * lanes), indices decoded on the fly.
+  RowKernel forward_2_4_batch[kMaxTileRegs];
+  // 2:4 grad input (groups range, like grad_input) and sddmm (rows), decoded on the fly.
+  RowKernel grad_input_2_4[kMaxTileRegs];
+  RowKernel sddmm_2_4[kMaxTileRegs];
 };
 
 // Defined in spmm_<isa>.cpp; the AVX ones only on x86 builds.

@@ -17,6 +17,7 @@ namespace spmm_avx2 {
 
 struct V {
   static constexpr bool kHasForward24 = true;
+  static constexpr int kRegs = 16;
   static constexpr int kLanes = 8;
   using reg = __m256;
   static reg zero() { return _mm256_setzero_ps(); }
@@ -31,6 +32,12 @@ struct V {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+  }
+  // out[0..3] += the lane sums of a, b, c, d.
+  static void hsum4_add(reg a, reg b, reg c, reg d, float* out) {
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+    _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), sums));
   }
   static void widen16(const uint16_t* in, int64_t count, bool bf16, float* out) {
     int64_t i = 0;

@@ -179,6 +179,151 @@ void sddmm_rows(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
   }
 }
 
+// 2:4 batch forward: like forward_rows, but reads values and metadata in place (L2-resident
+// for a tile of kRowTile rows after the first K-block) and turns each metadata byte into
+// four xT row offsets through a table, instead of materializing decoded offsets.
+template <int NB>
+void forward_2_4_batch(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
+  const NMLayout& L = a.layout;
+  constexpr int64_t ld = int64_t{NB} * V::kLanes;  // == a.ld (the wrapper picks NB from it)
+  // Independent accumulator sets: enough FMA chains in flight, within the register file.
+  constexpr int S = (NB >= 4 || 4 * NB + 4 > V::kRegs) ? (2 * NB + 2 > V::kRegs ? 1 : 2) : 4;
+  const bool f32 = a.vtype == ValueType::kFloat32;
+  // Rows per tile: their compressed data stays in L2 across the K-blocks, and each K-block
+  // of xT is brought into L1 once per tile.
+  constexpr int64_t kTile = 64;
+  for (int64_t rt = r0; rt < r1; rt += kTile) {
+    const int64_t nr = r1 - rt < kTile ? r1 - rt : kTile;
+    for (int64_t i = 0; i < nr; ++i) {
+      float* y = a.out + (rt + i) * ld;
+      const typename V::reg b = V::bcast(a.bias != nullptr ? a.bias[rt + i] : 0.f);
+      for (int t = 0; t < NB; ++t) V::store(y + t * V::kLanes, b);
+    }
+    for (int64_t g0 = 0; g0 < L.groups; g0 += a.block_groups) {
+      const int64_t g1 = g0 + a.block_groups < L.groups ? g0 + a.block_groups : L.groups;
+      for (int64_t i = 0; i < nr; ++i) {
+        const int64_t r = rt + i;
+        const float* vals;
+        if (f32) {
+          vals = static_cast<const float*>(a.values) + r * L.values_per_row + 2 * g0;
+        } else {
+          load_values(a, r, 2 * g0, 2 * (g1 - g0), scratch);
+          vals = scratch;
+        }
+        const uint8_t* meta = a.metadata + r * L.meta_bytes_per_row;
+        float* y = a.out + r * ld;
+        typename V::reg acc[S][NB];
+        for (int t = 0; t < NB; ++t) acc[0][t] = V::load(y + t * V::kLanes);
+        for (int s = 1; s < S; ++s)
+          for (int t = 0; t < NB; ++t) acc[s][t] = V::zero();
+        int64_t g = g0;
+        for (; g + 1 < g1; g += 2, vals += 4) {
+          const uint32_t lanes = kMetaLanes24.lanes[meta[g / 2]];
+          const float* xg = a.xT + g * 4 * ld;
+          for (int j = 0; j < 4; ++j) {
+            const typename V::reg w = V::bcast(vals[j]);
+            const float* x = xg + ((lanes >> (8 * j)) & 0xFFu) * ld;
+            typename V::reg* set = acc[j % S];
+            for (int t = 0; t < NB; ++t) set[t] = V::fma(w, V::load(x + t * V::kLanes), set[t]);
+          }
+        }
+        if (g < g1) {  // a last lone group (odd group count)
+          const uint32_t lanes = kMetaLanes24.lanes[meta[g / 2] & 0xFu];
+          for (int j = 0; j < 2; ++j) {
+            const typename V::reg w = V::bcast(vals[j]);
+            const float* x = a.xT + (g * 4 + ((lanes >> (8 * j)) & 0xFFu)) * ld;
+            for (int t = 0; t < NB; ++t) acc[0][t] = V::fma(w, V::load(x + t * V::kLanes), acc[0][t]);
+          }
+        }
+        for (int s = 1; s < S; ++s)
+          for (int t = 0; t < NB; ++t) acc[0][t] = V::add(acc[0][t], acc[s][t]);
+        for (int t = 0; t < NB; ++t) V::store(y + t * V::kLanes, acc[0][t]);
+      }
+    }
+  }
+}
+
+// Values of row r for groups [g0, g1) as fp32: in place for fp32, widened into scratch.
+inline const float* row_values_f32(const SpmmArgs& a, int64_t r, int64_t g0, int64_t g1,
+                                   float* scratch) {
+  const int64_t first = g0 * a.layout.n;
+  if (a.vtype == ValueType::kFloat32) {
+    return static_cast<const float*>(a.values) + r * a.layout.values_per_row + first;
+  }
+  load_values(a, r, first, (g1 - g0) * a.layout.n, scratch);
+  return scratch;
+}
+
+// 2:4 grad input, indices decoded on the fly: over tiles of 64 rows, then K-blocks of this
+// thread's columns [g_begin, g_end), so the gxT block being updated stays in L1.
+template <int NB>
+void grad_input_2_4(const SpmmArgs& a, int64_t g_begin, int64_t g_end, float* scratch) {
+  constexpr int64_t ld = int64_t{NB} * V::kLanes;
+  constexpr int64_t kTile = 64;
+  const NMLayout& L = a.layout;
+  for (int64_t rt = 0; rt < a.rows; rt += kTile) {
+    const int64_t r_end = rt + kTile < a.rows ? rt + kTile : a.rows;
+    for (int64_t g0 = g_begin; g0 < g_end; g0 += a.block_groups) {
+      const int64_t g1 = g0 + a.block_groups < g_end ? g0 + a.block_groups : g_end;
+      for (int64_t r = rt; r < r_end; ++r) {
+        const float* vals = row_values_f32(a, r, g0, g1, scratch);
+        const uint8_t* meta = a.metadata + r * L.meta_bytes_per_row;
+        typename V::reg gy[NB];
+        for (int t = 0; t < NB; ++t) gy[t] = V::load(a.gyT + r * ld + t * V::kLanes);
+        for (int64_t g = g0; g < g1; g += 2, vals += 4) {
+          const uint32_t lanes = kMetaLanes24.lanes[meta[g / 2]];
+          const int kept = g + 1 < g1 ? 4 : 2;  // a lone last group keeps its low nibble only
+          float* xg = a.out + g * 4 * ld;
+          for (int j = 0; j < kept; ++j) {
+            const typename V::reg w = V::bcast(vals[j]);
+            float* p = xg + ((lanes >> (8 * j)) & 0xFFu) * ld;
+            for (int t = 0; t < NB; ++t) {
+              V::store(p + t * V::kLanes, V::fma(w, gy[t], V::load(p + t * V::kLanes)));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// 2:4 sddmm, indices decoded on the fly; four dot products reduced together (hsum4).
+template <int NB>
+void sddmm_2_4(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
+  constexpr int64_t ld = int64_t{NB} * V::kLanes;
+  constexpr int64_t kTile = 64;
+  const NMLayout& L = a.layout;
+  (void)scratch;
+  for (int64_t rt = r0; rt < r1; rt += kTile) {
+    const int64_t r_end = rt + kTile < r1 ? rt + kTile : r1;
+    for (int64_t g0 = 0; g0 < L.groups; g0 += a.block_groups) {
+      const int64_t g1 = g0 + a.block_groups < L.groups ? g0 + a.block_groups : L.groups;
+      for (int64_t r = rt; r < r_end; ++r) {
+        const uint8_t* meta = a.metadata + r * L.meta_bytes_per_row;
+        typename V::reg gy[NB];
+        for (int t = 0; t < NB; ++t) gy[t] = V::load(a.gyT + r * ld + t * V::kLanes);
+        float* gv = a.out + r * L.values_per_row + 2 * g0;
+        for (int64_t g = g0; g < g1; g += 2, gv += 4) {
+          const uint32_t lanes = kMetaLanes24.lanes[meta[g / 2]];
+          const float* xg = a.xT + g * 4 * ld;
+          typename V::reg p[4];
+          for (int j = 0; j < 4; ++j) {
+            const float* x = xg + ((lanes >> (8 * j)) & 0xFFu) * ld;
+            p[j] = V::mul(gy[0], V::load(x));
+            for (int t = 1; t < NB; ++t) p[j] = V::fma(gy[t], V::load(x + t * V::kLanes), p[j]);
+          }
+          if (g + 1 < g1) {
+            V::hsum4_add(p[0], p[1], p[2], p[3], gv);
+          } else {  // a lone last group: its two values only (the odd slots are absent)
+            gv[0] += V::hsum(p[0]);
+            gv[1] += V::hsum(p[1]);
+          }
+        }
+      }
+    }
+  }
+}
+
 // Defined by ISA files whose V::kHasForward24 is true (after including this header).
 template <int TB>
 void forward_2_4_rows(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch);
@@ -219,7 +364,10 @@ SpmmKernels make_kernels(const char* isa, std::integer_sequence<int, NB...>) {
                      {&forward_rows<NB + 1>...},
                      {&grad_input_groups<NB + 1>...},
                      {&sddmm_rows<NB + 1>...},
-                     {forward_2_4_entry<NB + 1>()...}};
+                     {forward_2_4_entry<NB + 1>()...},
+                     {&forward_2_4_batch<NB + 1>...},
+                     {&grad_input_2_4<NB + 1>...},
+                     {&sddmm_2_4<NB + 1>...}};
 }
 
 }  // namespace SK_ISA_NS

@@ -8,6 +8,7 @@ namespace sparsekit {
 namespace spmm_scalar {
 
 struct V {
+  static constexpr int kRegs = 16;
   static constexpr int kLanes = 8;
   static constexpr bool kHasForward24 = false;
   struct reg {
@@ -44,6 +45,12 @@ struct V {
     float s = 0.f;
     for (float e : a.v) s += e;
     return s;
+  }
+  static void hsum4_add(const reg& a, const reg& b, const reg& c, const reg& d, float* out) {
+    out[0] += hsum(a);
+    out[1] += hsum(b);
+    out[2] += hsum(c);
+    out[3] += hsum(d);
   }
   static float half_to_float(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
