@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "../checks.h"
@@ -101,8 +102,9 @@ at::Tensor transpose_tile(const at::Tensor& src2d, int64_t b0, int64_t tb, int64
   return t;
 }
 
-std::vector<float> scratch_for(const NMLayout& L) {
-  return std::vector<float>(scratch_floats(L));
+// Per-task scratch, uninitialized (a zero-filled vector cost a memset per call).
+std::unique_ptr<float[]> scratch_for(const NMLayout& L) {
+  return std::unique_ptr<float[]>(new float[scratch_floats(L)]);
 }
 
 void check_batch_operand(const at::Tensor& t, const char* name, int64_t last, const char* what) {
@@ -163,7 +165,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
       xb.narrow(1, 0, k).copy_(x2.narrow(0, b0, tb));
       at::Tensor yb = at::empty({tb, rows}, x.options().dtype(at::kFloat));
       SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
-                 L, rows, 0, nullptr, nullptr, nullptr, bias_p, L.groups,
+                 L, rows, 0, nullptr, nullptr, nullptr, bias_p, L.groups, true,
                  xb.const_data_ptr<float>(), ldx, yb.data_ptr<float>(), rows};
       const RowKernel fn = kern.forward_2_4[tb - 1];
       at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
@@ -184,8 +186,8 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
                block_groups(L, ld)};
     const RowKernel fn = (n == 2 && m == 4 ? kern.forward_2_4_batch : kern.forward)[ld / kern.lanes - 1];
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      std::vector<float> scratch = scratch_for(L);
-      fn(a, r0, r1, scratch.data());
+      auto scratch = scratch_for(L);
+      fn(a, r0, r1, scratch.get());
     });
     y.narrow(0, b0, tb).copy_(yT.narrow(1, 0, tb).t());
   }
@@ -218,8 +220,8 @@ at::Tensor nm_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
     const RowKernel fn = (n == 2 && m == 4 ? kern.grad_input_2_4 : kern.grad_input)[ld / kern.lanes - 1];
     // Threads own whole chunks of groups: disjoint columns of gxT, byte-aligned metadata.
     at::parallel_for(0, L.chunks_per_row, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<float> scratch = scratch_for(L);
-      fn(a, c0 * L.chunk_groups, std::min(c1 * L.chunk_groups, L.groups), scratch.data());
+      auto scratch = scratch_for(L);
+      fn(a, c0 * L.chunk_groups, std::min(c1 * L.chunk_groups, L.groups), scratch.get());
     });
     gx.narrow(0, b0, tb).copy_(gxT.narrow(0, 0, k).narrow(1, 0, tb).t());
   }
@@ -251,7 +253,9 @@ at::Tensor nm_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const a
     return dense.masked_select(kept.ne(0)).view({rows, L.values_per_row});
   }
   const at::Tensor gy2 = grad_out.reshape({batch, rows}), x2 = x.reshape({batch, k});
-  at::Tensor gv = at::zeros({rows, L.values_per_row}, x.options().dtype(at::kFloat));
+  // Written by the first batch tile, accumulated by the others (zeros only if no tile runs).
+  at::Tensor gv = batch == 0 ? at::zeros({rows, L.values_per_row}, x.options().dtype(at::kFloat))
+                             : at::empty({rows, L.values_per_row}, x.options().dtype(at::kFloat));
   const SpmmKernels& kern = active_kernels();
   const int64_t kp = L.groups * L.m;
   const at::Tensor meta_c = metadata.contiguous();
@@ -262,11 +266,11 @@ at::Tensor nm_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const a
     const at::Tensor gyT = transpose_tile(gy2, b0, tb, rows, ld);
     SpmmArgs a{nullptr, ValueType::kFloat32, meta_c.const_data_ptr<uint8_t>(), L, rows, ld,
                xT.const_data_ptr<float>(), gyT.const_data_ptr<float>(), gv.data_ptr<float>(), nullptr,
-               block_groups(L, ld)};
+               block_groups(L, ld), b0 == 0};
     const RowKernel fn = (n == 2 && m == 4 ? kern.sddmm_2_4 : kern.sddmm)[ld / kern.lanes - 1];
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      std::vector<float> scratch = scratch_for(L);
-      fn(a, r0, r1, scratch.data());
+      auto scratch = scratch_for(L);
+      fn(a, r0, r1, scratch.get());
     });
   }
   return gv.to(x.scalar_type());

@@ -28,11 +28,12 @@ struct SpmmArgs {
   const float* xT;          // forward, sddmm: [Kp, ld]
   const float* gyT;         // grad input, sddmm: [rows, ld]
   float* out;               // forward: yT [rows, ld]; grad input: gxT [Kp, ld] (accumulated);
-                            // sddmm: gv [rows, values_per_row] (accumulated)
+                            // sddmm: gv [rows, values_per_row] (accumulated unless `first`)
   const float* bias;        // forward only, may be null
   // Groups per K-block (a multiple of layout.chunk_groups): the batch kernels sweep K in
   // blocks whose xT/gxT rows stay in L1, carrying partial sums across blocks.
   int64_t block_groups;
+  bool first;               // sddmm: the first batch tile writes gv instead of adding to it
   // 2:4 small-batch forward (row-major operands): x [tb, ldx] fp32 with ldx a multiple of
   // 32 and zero padding beyond K; y [tb, ldy] fp32.
   const float* x;

@@ -33,12 +33,13 @@ struct V {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
-  // out[0..3] += the lane sums of a, b, c, d.
-  static void hsum4_add(reg a, reg b, reg c, reg d, float* out) {
+  // out[0..3] (+)= the lane sums of a, b, c, d.
+  static void hsum4_add(reg a, reg b, reg c, reg d, float* out, bool accumulate) {
     const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
     const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-    _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), sums));
+    _mm_storeu_ps(out, accumulate ? _mm_add_ps(_mm_loadu_ps(out), sums) : sums);
   }
+  static float half1(uint16_t h) { return _cvtsh_ss(h); }
   static void widen16(const uint16_t* in, int64_t count, bool bf16, float* out) {
     int64_t i = 0;
     for (; i + 8 <= count; i += 8) {

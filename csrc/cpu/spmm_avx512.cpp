@@ -28,8 +28,8 @@ struct V {
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static float hsum(reg a) { return _mm512_reduce_add_ps(a); }
-  // out[0..3] += the lane sums of a, b, c, d (one transpose-and-add tree for all four).
-  static void hsum4_add(reg a, reg b, reg c, reg d, float* out) {
+  // out[0..3] (+)= the lane sums of a, b, c, d (one transpose-and-add tree for all four).
+  static void hsum4_add(reg a, reg b, reg c, reg d, float* out, bool accumulate) {
     const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
                                     _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
     const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)),
@@ -41,8 +41,9 @@ struct V {
     s = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(1, 0, 3, 2)));
     const __m128 sums = _mm512_castps512_ps128(
         _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s));
-    _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), sums));
+    _mm_storeu_ps(out, accumulate ? _mm_add_ps(_mm_loadu_ps(out), sums) : sums);
   }
+  static float half1(uint16_t h) { return _cvtsh_ss(h); }
   static void widen16(const uint16_t* in, int64_t count, bool bf16, float* out) {
     int64_t i = 0;
     for (; i + 16 <= count; i += 16) {

@@ -46,11 +46,10 @@ struct V {
     for (float e : a.v) s += e;
     return s;
   }
-  static void hsum4_add(const reg& a, const reg& b, const reg& c, const reg& d, float* out) {
-    out[0] += hsum(a);
-    out[1] += hsum(b);
-    out[2] += hsum(c);
-    out[3] += hsum(d);
+  static void hsum4_add(const reg& a, const reg& b, const reg& c, const reg& d, float* out,
+                        bool accumulate) {
+    const float sums[4] = {hsum(a), hsum(b), hsum(c), hsum(d)};
+    for (int i = 0; i < 4; ++i) out[i] = (accumulate ? out[i] : 0.f) + sums[i];
   }
   static float half_to_float(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -73,6 +72,7 @@ struct V {
     std::memcpy(&f, &bits, sizeof(f));
     return f;
   }
+  static float half1(uint16_t h) { return half_to_float(h); }
   static void widen16(const uint16_t* in, int64_t count, bool bf16, float* out) {
     for (int64_t i = 0; i < count; ++i) out[i] = bf16 ? bf16_to_float(in[i]) : half_to_float(in[i]);
   }
