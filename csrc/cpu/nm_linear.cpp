@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -102,6 +103,34 @@ at::Tensor transpose_tile(const at::Tensor& src2d, int64_t b0, int64_t tb, int64
   return t;
 }
 
+// Calls f(b0, tb, ld) per batch tile: rows [b0, b0 + tb) of the batch, padded to ld floats
+// (whole vectors; the kernel for NB = ld / lanes registers runs it).
+template <typename F>
+void for_each_batch_tile(const SpmmKernels& kern, int64_t batch, F&& f) {
+  for (int64_t b0 = 0; b0 < batch; b0 += batch_tile(kern)) {
+    const int64_t tb = std::min(batch_tile(kern), batch - b0);
+    f(b0, tb, round_up(tb, kern.lanes));
+  }
+}
+
+// The 2:4 kernel when the pattern is 2:4, else the general one, for ld floats of batch.
+RowKernel pick(const RowKernel (&for_2_4)[kMaxTileRegs], const RowKernel (&general)[kMaxTileRegs],
+               const NMLayout& L, int64_t ld, const SpmmKernels& kern) {
+  return (L.n == 2 && L.m == 4 ? for_2_4 : general)[ld / kern.lanes - 1];
+}
+
+std::unique_ptr<float[]> scratch_for(const NMLayout& L);
+
+// Runs fn over [0, count) units on torch's thread pool; a task covering units [i0, i1) gets
+// the range [i0 * scale, min(i1 * scale, cap)) and its own scratch.
+void run_kernel(RowKernel fn, const SpmmArgs& a, int64_t count, int64_t grain, int64_t scale = 1,
+                int64_t cap = std::numeric_limits<int64_t>::max()) {
+  at::parallel_for(0, count, grain, [&](int64_t i0, int64_t i1) {
+    auto scratch = scratch_for(a.layout);
+    fn(a, i0 * scale, std::min(i1 * scale, cap), scratch.get());
+  });
+}
+
 // Per-task scratch, uninitialized (a zero-filled vector cost a memset per call).
 std::unique_ptr<float[]> scratch_for(const NMLayout& L) {
   return std::unique_ptr<float[]>(new float[scratch_floats(L)]);
@@ -176,21 +205,15 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     }
     return y.view(with_last(x, rows));
   }
-  for (int64_t b0 = 0; b0 < batch; b0 += batch_tile(kern)) {
-    const int64_t tb = std::min(batch_tile(kern), batch - b0);
-    const int64_t ld = round_up(tb, kern.lanes);
+  for_each_batch_tile(kern, batch, [&](int64_t b0, int64_t tb, int64_t ld) {
     const at::Tensor xT = transpose_tile(x2, b0, tb, kp, ld);
     at::Tensor yT = at::empty({rows, ld}, x.options().dtype(at::kFloat));
     SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
                L, rows, ld, xT.const_data_ptr<float>(), nullptr, yT.data_ptr<float>(), bias_p,
                block_groups(L, ld)};
-    const RowKernel fn = (n == 2 && m == 4 ? kern.forward_2_4_batch : kern.forward)[ld / kern.lanes - 1];
-    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      auto scratch = scratch_for(L);
-      fn(a, r0, r1, scratch.get());
-    });
+    run_kernel(pick(kern.forward_2_4_batch, kern.forward, L, ld, kern), a, rows, 16);
     y.narrow(0, b0, tb).copy_(yT.narrow(1, 0, tb).t());
-  }
+  });
   return y.view(with_last(x, rows));
 }
 
@@ -209,22 +232,17 @@ at::Tensor nm_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
   const SpmmKernels& kern = active_kernels();
   const int64_t kp = L.groups * L.m;
   const at::Tensor values_c = values.contiguous(), meta_c = metadata.contiguous();
-  for (int64_t b0 = 0; b0 < batch; b0 += batch_tile(kern)) {
-    const int64_t tb = std::min(batch_tile(kern), batch - b0);
-    const int64_t ld = round_up(tb, kern.lanes);
+  for_each_batch_tile(kern, batch, [&](int64_t b0, int64_t tb, int64_t ld) {
     const at::Tensor gyT = transpose_tile(gy2, b0, tb, rows, ld);
     at::Tensor gxT = at::zeros({kp, ld}, grad_out.options().dtype(at::kFloat));
     SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
                L, rows, ld, nullptr, gyT.const_data_ptr<float>(), gxT.data_ptr<float>(), nullptr,
                block_groups(L, ld)};
-    const RowKernel fn = (n == 2 && m == 4 ? kern.grad_input_2_4 : kern.grad_input)[ld / kern.lanes - 1];
     // Threads own whole chunks of groups: disjoint columns of gxT, byte-aligned metadata.
-    at::parallel_for(0, L.chunks_per_row, 1, [&](int64_t c0, int64_t c1) {
-      auto scratch = scratch_for(L);
-      fn(a, c0 * L.chunk_groups, std::min(c1 * L.chunk_groups, L.groups), scratch.get());
-    });
+    run_kernel(pick(kern.grad_input_2_4, kern.grad_input, L, ld, kern), a, L.chunks_per_row, 1,
+               L.chunk_groups, L.groups);
     gx.narrow(0, b0, tb).copy_(gxT.narrow(0, 0, k).narrow(1, 0, tb).t());
-  }
+  });
   return gx.view(with_last(grad_out, k));
 }
 
@@ -259,20 +277,14 @@ at::Tensor nm_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const a
   const SpmmKernels& kern = active_kernels();
   const int64_t kp = L.groups * L.m;
   const at::Tensor meta_c = metadata.contiguous();
-  for (int64_t b0 = 0; b0 < batch; b0 += batch_tile(kern)) {
-    const int64_t tb = std::min(batch_tile(kern), batch - b0);
-    const int64_t ld = round_up(tb, kern.lanes);
+  for_each_batch_tile(kern, batch, [&](int64_t b0, int64_t tb, int64_t ld) {
     const at::Tensor xT = transpose_tile(x2, b0, tb, kp, ld);
     const at::Tensor gyT = transpose_tile(gy2, b0, tb, rows, ld);
     SpmmArgs a{nullptr, ValueType::kFloat32, meta_c.const_data_ptr<uint8_t>(), L, rows, ld,
                xT.const_data_ptr<float>(), gyT.const_data_ptr<float>(), gv.data_ptr<float>(), nullptr,
                block_groups(L, ld), b0 == 0};
-    const RowKernel fn = (n == 2 && m == 4 ? kern.sddmm_2_4 : kern.sddmm)[ld / kern.lanes - 1];
-    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      auto scratch = scratch_for(L);
-      fn(a, r0, r1, scratch.get());
-    });
-  }
+    run_kernel(pick(kern.sddmm_2_4, kern.sddmm, L, ld, kern), a, rows, 16);
+  });
   return gv.to(x.scalar_type());
 }
 
