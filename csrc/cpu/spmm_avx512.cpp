@@ -127,15 +127,6 @@ void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
   }
 }
 
-template <int TB>
-void forward_2_4_rows(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
-  switch (a.vtype) {
-    case ValueType::kFloat32: return forward_2_4_typed<TB, ValueType::kFloat32>(a, r0, r1, scratch);
-    case ValueType::kFloat16: return forward_2_4_typed<TB, ValueType::kFloat16>(a, r0, r1, scratch);
-    case ValueType::kBFloat16: return forward_2_4_typed<TB, ValueType::kBFloat16>(a, r0, r1, scratch);
-  }
-}
-
 }  // namespace spmm_avx512
 }  // namespace sparsekit
 

@@ -400,9 +400,19 @@ void sddmm_2_4(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
   }
 }
 
-// Defined by ISA files whose V::kHasForward24 is true (after including this header).
+// 2:4 small-batch forward for TB rows of x and values of type VT: defined by the ISA files
+// whose V::kHasForward24 is true (after including this header), with in-register permutes.
+template <int TB, ValueType VT>
+void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch);
+
 template <int TB>
-void forward_2_4_rows(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch);
+void forward_2_4_rows(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
+  switch (a.vtype) {
+    case ValueType::kFloat32: return forward_2_4_typed<TB, ValueType::kFloat32>(a, r0, r1, scratch);
+    case ValueType::kFloat16: return forward_2_4_typed<TB, ValueType::kFloat16>(a, r0, r1, scratch);
+    case ValueType::kBFloat16: return forward_2_4_typed<TB, ValueType::kBFloat16>(a, r0, r1, scratch);
+  }
+}
 
 // Scalar tail of the 2:4 forward: groups [g0, groups) of row r, added to sums[0..tb).
 inline void forward_2_4_tail(const SpmmArgs& a, int64_t r, int64_t g0, int tb, float* sums,
