@@ -2,7 +2,8 @@
 
 Forward: y = x @ W^T at batch 1, 8, 64, 256 in fp32 and bf16 on the LLM layer shapes.
 Backward at batch 64: grad input + grad of the kept values (sparsekit) against the dense
-layer's grad input + grad weight (torch). Ratios are dense time / sparse time (> 1: faster).
+layer's grad input + grad weight (torch). Ratios are dense time / sparse time (> 1: faster),
+each the best of 7 calls made alternately with the other's (bench/common.paired_seconds).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import torch.nn.functional as F
 
 import sparsekit as sk
 
-from common import machine_info, min_seconds
+from common import machine_info, paired_seconds
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
 BATCHES = [1, 8, 64, 256]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TARGETS = {("float32", 1): 1.5, ("float32", 8): 1.5, ("bfloat16", 1): 1.5}
-REPEATS = 5
+REPEATS = 7
 
 
 def _layer(shape, dtype):
@@ -45,8 +46,7 @@ def test_linear_forward(benchmark, shape, dtype, batch):
 
     benchmark.group = f"linear 2:4 {dtype} {shape[0]}x{shape[1]} batch {batch}"
     y = benchmark.pedantic(sparse, rounds=REPEATS, iterations=1, warmup_rounds=1)
-    dense_s = min_seconds(lambda: F.linear(x, dense), REPEATS)
-    sparse_s = min_seconds(sparse, REPEATS)
+    dense_s, sparse_s = paired_seconds(lambda: F.linear(x, dense), sparse, REPEATS)
     benchmark.extra_info.update(
         kind="linear_forward", shape=list(shape), dtype=dtype, batch=batch, dense_s=dense_s,
         sparse_s=sparse_s, ratio=dense_s / sparse_s, target=_target(dtype, batch),
@@ -68,8 +68,7 @@ def test_linear_backward(benchmark, shape):
 
     benchmark.group = f"linear 2:4 backward float32 {shape[0]}x{shape[1]} batch {batch}"
     benchmark.pedantic(sparse, rounds=REPEATS, iterations=1, warmup_rounds=1)
-    dense_s = min_seconds(lambda: (gy @ dense, gy.t() @ x), REPEATS)
-    sparse_s = min_seconds(sparse, REPEATS)
+    dense_s, sparse_s = paired_seconds(lambda: (gy @ dense, gy.t() @ x), sparse, REPEATS)
     benchmark.extra_info.update(
         kind="linear_backward", shape=list(shape), dtype="float32", batch=batch, dense_s=dense_s,
         sparse_s=sparse_s, ratio=dense_s / sparse_s, target=1.0,

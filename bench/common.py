@@ -19,6 +19,20 @@ def min_seconds(fn, repeats: int) -> float:
     return best
 
 
+def paired_seconds(fn_a, fn_b, repeats: int) -> tuple[float, float]:
+    """Best wall times of fn_a and fn_b, called alternately so that both see the same
+    machine state (other tenants, caches, frequency) rather than one noisy stretch each."""
+    best_a = best_b = float("inf")
+    fn_a(), fn_b()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn_a()
+        mid = time.perf_counter()
+        fn_b()
+        best_a, best_b = min(best_a, mid - start), min(best_b, time.perf_counter() - mid)
+    return best_a, best_b
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -155,3 +155,13 @@ def test_build_info_reports_active_isa():
     info = sk.build_info()
     assert info["cpu_isa_active"] in info["cpu_isa_compiled"]
     assert not ops.set_cpu_isa("sse9")
+
+
+@pytest.mark.parametrize("batch,k", [(1, 6200), (8, 1602), (3, 2090)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_batch_column_blocks(isa, batch, k, dtype):
+    # Long rows: the small-batch 2:4 kernel sweeps K in blocks and carries partial sums.
+    t, x, gy, bias = operands((batch,), k, 5, 2, 4, dtype)
+    y = ops.nm_linear(x, t.values, t.metadata, bias, k, 2, 4)
+    ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, 2, 4)
+    assert rel_err(y, ref) < TOL[dtype]

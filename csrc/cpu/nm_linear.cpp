@@ -103,6 +103,14 @@ at::Tensor transpose_tile(const at::Tensor& src2d, int64_t b0, int64_t tb, int64
   return t;
 }
 
+// Small-batch 2:4 forward: groups per column block so that the block's slice of the tb rows
+// of x (fp32) stays in L1 (24 KB), in whole 32-column chunks. Without it a long row of x
+// (K = 11008: 44 KB) was re-read from L2 for every weight row.
+int64_t small_block_groups(int64_t tb) {
+  const int64_t cols = (24 * 1024) / (4 * tb);
+  return std::max<int64_t>(32, cols / 32 * 32) / 4;
+}
+
 // Calls f(b0, tb, ld) per batch tile: rows [b0, b0 + tb) of the batch, padded to ld floats
 // (whole vectors; the kernel for NB = ld / lanes registers runs it).
 template <typename F>
@@ -194,7 +202,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
       xb.narrow(1, 0, k).copy_(x2.narrow(0, b0, tb));
       at::Tensor yb = at::empty({tb, rows}, x.options().dtype(at::kFloat));
       SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
-                 L, rows, 0, nullptr, nullptr, nullptr, bias_p, L.groups, true,
+                 L, rows, 0, nullptr, nullptr, nullptr, bias_p, small_block_groups(tb), true,
                  xb.const_data_ptr<float>(), ldx, yb.data_ptr<float>(), rows};
       const RowKernel fn = kern.forward_2_4[tb - 1];
       at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {

@@ -74,7 +74,7 @@ inline __m256 load8(const void* values, int64_t at) {
   }
 }
 
-constexpr int64_t kPrefetchBytes = 2048;
+constexpr int64_t kPrefetchBytes = 4096;
 
 // 2:4 forward for TB rows of x: per 16 columns, 2 metadata bytes become 8 lane indices
 // (lane j: 4 * (j / 2) + ((meta >> 2j) & 3)); lanes 0-3 index the first 8 columns and
@@ -86,6 +86,12 @@ void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
   const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
   const __m256i three = _mm256_set1_epi32(3);
+  // Columns in blocks whose slice of the TB rows of x stays in L1 (a.block_groups, a
+  // multiple of 4 groups); each row's partial sums carry over in y.
+  const int64_t block_chunks = a.block_groups / 4 > 0 ? a.block_groups / 4 : 1;
+  for (int64_t c0 = 0; c0 < chunks || c0 == 0; c0 += block_chunks) {
+  const int64_t c1 = c0 + block_chunks < chunks ? c0 + block_chunks : chunks;
+  const bool last = c1 == chunks;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* meta = a.metadata + r * L.meta_bytes_per_row;
     const int64_t vbase = r * L.values_per_row;
@@ -95,7 +101,7 @@ void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
     __m256 acc[kSets][TB];
     for (int s = 0; s < kSets; ++s)
       for (int b = 0; b < TB; ++b) acc[s][b] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t c = c0; c < c1; ++c) {
       uint16_t m16;
       __builtin_memcpy(&m16, meta + 2 * c, 2);
       const __m256i idx = _mm256_add_epi32(
@@ -103,7 +109,7 @@ void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
       // Stream the weight a few KB ahead (see the AVX-512 kernel).
       _mm_prefetch(static_cast<const char*>(a.values) +
                        (vbase + 8 * c) * (VT == ValueType::kFloat32 ? 4 : 2) + kPrefetchBytes,
-                   _MM_HINT_T0);
+                   _MM_HINT_T1);
       const __m256 w = load8<VT>(a.values, vbase + 8 * c);
       __m256* set = acc[kSets == 2 ? (c & 1) : 0];
       for (int b = 0; b < TB; ++b) {
@@ -117,9 +123,14 @@ void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
     for (int b = 0; b < TB; ++b) {
       sums[b] = V::hsum(kSets == 2 ? _mm256_add_ps(acc[0][b], acc[kSets - 1][b]) : acc[0][b]);
     }
-    forward_2_4_tail(a, r, chunks * 4, TB, sums, scratch);
-    const float bias = a.bias != nullptr ? a.bias[r] : 0.f;
-    for (int b = 0; b < TB; ++b) a.y[b * a.ldy + r] = sums[b] + bias;
+    if (last) forward_2_4_tail(a, r, chunks * 4, TB, sums, scratch);
+    if (c0 == 0) {
+      const float bias = a.bias != nullptr ? a.bias[r] : 0.f;
+      for (int b = 0; b < TB; ++b) a.y[b * a.ldy + r] = sums[b] + bias;
+    } else {
+      for (int b = 0; b < TB; ++b) a.y[b * a.ldy + r] += sums[b];
+    }
+  }
   }
 }
 
