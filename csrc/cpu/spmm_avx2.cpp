@@ -74,7 +74,7 @@ inline __m256 load8(const void* values, int64_t at) {
   }
 }
 
-constexpr int64_t kPrefetchBytes = 4096;
+constexpr int64_t kPrefetchRows = 2;
 
 // 2:4 forward for TB rows of x: per 16 columns, 2 metadata bytes become 8 lane indices
 // (lane j: 4 * (j / 2) + ((meta >> 2j) & 3)); lanes 0-3 index the first 8 columns and
@@ -95,6 +95,7 @@ void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* meta = a.metadata + r * L.meta_bytes_per_row;
     const int64_t vbase = r * L.values_per_row;
+    const int64_t pf_rows = r + kPrefetchRows < r1 ? kPrefetchRows : 0;
     // Two accumulator sets (even / odd chunks) for few rows of x: FMA latency, not
     // throughput, would bound a single chain.
     constexpr int kSets = TB <= 4 ? 2 : 1;
@@ -106,10 +107,12 @@ void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
       __builtin_memcpy(&m16, meta + 2 * c, 2);
       const __m256i idx = _mm256_add_epi32(
           _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(m16), shifts), three), base);
-      // Stream the weight a few KB ahead (see the AVX-512 kernel).
+      // Prefetch the same chunk of a row kPrefetchRows ahead: rows are walked a column
+      // block at a time, which the hardware prefetcher does not follow across rows.
       _mm_prefetch(static_cast<const char*>(a.values) +
-                       (vbase + 8 * c) * (VT == ValueType::kFloat32 ? 4 : 2) + kPrefetchBytes,
+                       (vbase + pf_rows * L.values_per_row + 8 * c) * (VT == ValueType::kFloat32 ? 4 : 2),
                    _MM_HINT_T1);
+      if ((c & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(meta + pf_rows * L.meta_bytes_per_row + 2 * c), _MM_HINT_T1);
       const __m256 w = load8<VT>(a.values, vbase + 8 * c);
       __m256* set = acc[kSets == 2 ? (c & 1) : 0];
       for (int b = 0; b < TB; ++b) {
