@@ -85,7 +85,7 @@ int64_t small_batch_limit() {
 }
 
 // Batch rows per pass: as many vector registers as the kernels unroll.
-int64_t batch_tile(const SpmmKernels& k) { return static_cast<int64_t>(k.lanes) * kMaxTileRegs; }
+int64_t batch_tile(const SpmmKernels& k) { return static_cast<int64_t>(k.lanes) * k.max_regs; }
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
@@ -196,8 +196,8 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   if (n == 2 && m == 4 && kern.forward_2_4[0] != nullptr && batch <= small_batch_limit()) {
     // Small batch: x rows stay row-major, up to 8 per pass over the compressed weight.
     const int64_t ldx = round_up(kp, 32);
-    for (int64_t b0 = 0; b0 < batch; b0 += kMaxTileRegs) {
-      const int64_t tb = std::min<int64_t>(kMaxTileRegs, batch - b0);
+    for (int64_t b0 = 0; b0 < batch; b0 += kSmallTile) {
+      const int64_t tb = std::min<int64_t>(kSmallTile, batch - b0);
       at::Tensor xb = at::zeros({tb, ldx}, x.options().dtype(at::kFloat));
       xb.narrow(1, 0, k).copy_(x2.narrow(0, b0, tb));
       at::Tensor yb = at::empty({tb, rows}, x.options().dtype(at::kFloat));

@@ -57,7 +57,9 @@ constexpr MetaLanes24 make_meta_lanes_2_4() {
 }
 inline constexpr MetaLanes24 kMetaLanes24 = make_meta_lanes_2_4();
 
-constexpr int kMaxTileRegs = 8;  // NB = 1..8 vector registers of batch per pass
+constexpr int kMaxTileRegs = 16;  // NB = 1..16 vector registers of batch per pass (per ISA:
+                                  // SpmmKernels::max_regs, the entries above it are null)
+constexpr int kSmallTile = 8;     // rows of x per pass of the 2:4 small-batch kernel
 constexpr int kRowTile = 16;     // rows decoded together by the batch forward
 
 // Floats of per-thread scratch every kernel may use: kRowTile rows of fp32 values and of
@@ -71,6 +73,7 @@ using RowKernel = void (*)(const SpmmArgs&, int64_t, int64_t, float*);
 struct SpmmKernels {
   const char* isa;
   int lanes;
+  int max_regs;
   RowKernel forward[kMaxTileRegs];
   RowKernel grad_input[kMaxTileRegs];
   RowKernel sddmm[kMaxTileRegs];

@@ -143,7 +143,7 @@ void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
 namespace sparsekit {
 const SpmmKernels& spmm_kernels_avx2() {
   static const SpmmKernels k =
-      spmm_avx2::make_kernels("avx2", std::make_integer_sequence<int, kMaxTileRegs>{});
+      spmm_avx2::make_kernels("avx2", std::make_integer_sequence<int, 8>{});
   return k;
 }
 }  // namespace sparsekit

@@ -436,7 +436,7 @@ inline void forward_2_4_tail(const SpmmArgs& a, int64_t r, int64_t g0, int tb, f
 // The ISA file may define forward_2_4_rows<TB> (V::kHasForward24); otherwise none.
 template <int TB>
 RowKernel forward_2_4_entry() {
-  if constexpr (V::kHasForward24) {
+  if constexpr (V::kHasForward24 && TB <= kSmallTile) {
     return &forward_2_4_rows<TB>;
   } else {
     return nullptr;
@@ -447,6 +447,7 @@ template <int... NB>
 SpmmKernels make_kernels(const char* isa, std::integer_sequence<int, NB...>) {
   return SpmmKernels{isa,
                      V::kLanes,
+                     static_cast<int>(sizeof...(NB)),
                      {&forward_rows<NB + 1>...},
                      {&grad_input_groups<NB + 1>...},
                      {&sddmm_rows<NB + 1>...},

@@ -87,7 +87,7 @@ struct V {
 namespace sparsekit {
 const SpmmKernels& spmm_kernels_scalar() {
   static const SpmmKernels k =
-      spmm_scalar::make_kernels("scalar", std::make_integer_sequence<int, kMaxTileRegs>{});
+      spmm_scalar::make_kernels("scalar", std::make_integer_sequence<int, 8>{});
   return k;
 }
 }  // namespace sparsekit
