@@ -9,7 +9,7 @@ from sparsekit import ops, reference
 
 ISAS = [isa for isa in ("avx512", "avx2", "scalar") if isa in sk.build_info().get("cpu_isa_compiled", [])]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-PATTERNS = [(2, 4), (1, 4), (4, 8), (3, 7), (1, 2)]
+PATTERNS = [(2, 4), (1, 4), (4, 8), (2, 8), (3, 7), (1, 2)]
 # (batch shape, K, rows): batch 0, one row, K not a multiple of M or of the SIMD chunk.
 SHAPES = [((1,), 64, 16), ((5,), 37, 9), ((3, 4), 100, 7), ((16,), 130, 1), ((17,), 36, 5),
           ((300,), 130, 33), ((0,), 24, 6), ((2, 0, 3), 8, 4)]
