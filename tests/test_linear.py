@@ -165,3 +165,19 @@ def test_small_batch_column_blocks(isa, batch, k, dtype):
     y = ops.nm_linear(x, t.values, t.metadata, bias, k, 2, 4)
     ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, 2, 4)
     assert rel_err(y, ref) < TOL[dtype]
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    t, x, gy, bias = operands((6,), 48, 10, 2, 4, torch.float32)
+    values = t.values.clone().requires_grad_()
+
+    def loss(x, values):
+        return ops.nm_linear(x, values, t.metadata, bias, 48, 2, 4).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    v2 = values.detach().clone().requires_grad_()
+    compiled(x1, values).backward()
+    loss(x2, v2).backward()
+    assert torch.allclose(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(values.grad, v2.grad, rtol=1e-5, atol=1e-6)
