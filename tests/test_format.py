@@ -299,3 +299,15 @@ def test_2_4_fast_path_special_values(dtype):
     # Group 0 keeps (0, 3); group 1 is empty and keeps its fill slots (0, 1) as stored.
     assert t.metadata[0, 0].item() == (0 | 3 << 2) | (0 | 1 << 2) << 4
     assert torch.equal(bits_of(out[:, 5::8]), bits_of(w.repeat(5, 4)[:, 5::8]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nibble", [0, 1])
+def test_2_4_fast_path_rejects_corrupt_metadata(dtype, nibble):
+    values, metadata = sk.ops.nm_compress(random_nm(4, 32, 2, 4, dtype), 2, 4)
+    bad = metadata.clone()
+    # Make one group keep (1, 1): not strictly increasing.
+    shift = 4 * nibble
+    bad[2, 1] = (bad[2, 1] & ~(0xF << shift)) | (0x5 << shift)
+    with pytest.raises(ValueError, match=f"row 2, group {2 + nibble} "):
+        sk.ops.nm_decompress(values, bad, 32, 2, 4)

@@ -190,6 +190,78 @@ __attribute__((target("avx2"))) int64_t compress_2_4_flat_avx2(const float* __re
   return -1;
 }
 
+// 16-bit (fp16 / bf16) 2:4 paths with SSSE3 byte shuffles, one metadata byte (2 groups,
+// 8 dense entries = 16 bytes, 4 values = 8 bytes) per step, shuffle controls from tables.
+struct Shuffle16Tables {
+  uint8_t expand[256][16];    // metadata byte -> pshufb control: 4 values -> 8 entries
+  uint8_t gather[256][16];    // nonzero mask -> pshufb control: 8 entries -> 4 kept values
+};
+
+constexpr Shuffle16Tables make_shuffle16_tables() {
+  Shuffle16Tables t{};
+  for (uint32_t b = 0; b < 256; ++b) {
+    const uint32_t pos[4] = {b & 3u, (b >> 2) & 3u, 4u + ((b >> 4) & 3u), 4u + (b >> 6)};
+    for (int h = 0; h < 8; ++h) t.expand[b][2 * h] = t.expand[b][2 * h + 1] = 0x80;  // zero
+    for (uint32_t v = 0; v < 4; ++v) {
+      t.expand[b][2 * pos[v]] = static_cast<uint8_t>(2 * v);
+      t.expand[b][2 * pos[v] + 1] = static_cast<uint8_t>(2 * v + 1);
+    }
+    const uint32_t lanes = kCompress24.lanes[b];
+    for (int v = 0; v < 4; ++v) {
+      const uint32_t l = (lanes >> (8 * v)) & 0xFFu;
+      t.gather[b][2 * v] = static_cast<uint8_t>(2 * l);
+      t.gather[b][2 * v + 1] = static_cast<uint8_t>(2 * l + 1);
+    }
+    for (int i = 8; i < 16; ++i) t.gather[b][i] = 0x80;
+  }
+  return t;
+}
+
+constexpr Shuffle16Tables kShuffle16 = make_shuffle16_tables();
+
+__attribute__((target("ssse3"))) int64_t decompress_2_4_flat_16(const uint16_t* __restrict__ vals,
+                                                              const uint8_t* __restrict__ meta,
+                                                              uint16_t* __restrict__ dst,
+                                                              int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint32_t byte = meta[b];
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(vals + 4 * b));
+    const __m128i ctl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kShuffle16.expand[byte]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 8 * b), _mm_shuffle_epi8(v, ctl));
+    // Canonical metadata keeps idx0 < idx1 in both nibbles.
+    if (((byte & 3u) >= ((byte >> 2) & 3u)) | (((byte >> 4) & 3u) >= (byte >> 6))) {
+      return ((byte & 3u) >= ((byte >> 2) & 3u)) ? 2 * b : 2 * b + 1;
+    }
+  }
+  return -1;
+}
+
+__attribute__((target("ssse3"))) int64_t compress_2_4_flat_16(const uint16_t* __restrict__ src,
+                                                            uint16_t* __restrict__ vals,
+                                                            uint8_t* __restrict__ meta,
+                                                            int64_t b0, int64_t b1) {
+  const __m128i no_sign = _mm_set1_epi16(0x7FFF);
+  for (int64_t b = b0; b < b1; ++b) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8 * b));
+    // Zero entries (+0.0 or -0.0) -> 0xFFFF lanes; one bit per entry after the pack.
+    const __m128i is_zero = _mm_cmpeq_epi16(_mm_and_si128(v, no_sign), _mm_setzero_si128());
+    const int nz = ~_mm_movemask_epi8(_mm_packs_epi16(is_zero, is_zero)) & 0xFF;
+    const __m128i ctl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kShuffle16.gather[nz]));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(vals + 4 * b), _mm_shuffle_epi8(v, ctl));
+    meta[b] = kCompress24.meta[nz];
+    if (!kCompress24.valid[nz]) return __builtin_popcount(nz & 0xF) > 2 ? 2 * b : 2 * b + 1;
+  }
+  return -1;
+}
+
+bool cpu_has_ssse3() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("ssse3") != 0;
+  }();
+  return has;
+}
+
 bool cpu_has_avx2() {
   static const bool has = [] {
     __builtin_cpu_init();
@@ -221,6 +293,9 @@ std::tuple<at::Tensor, at::Tensor> nm_compress_cpu(const at::Tensor& dense_in, i
         if (std::is_same_v<Bits, uint32_t> && cpu_has_avx2()) {
           g = compress_2_4_flat_avx2(reinterpret_cast<const float*>(src),
                                      reinterpret_cast<float*>(vals), meta, begin, end);
+        } else if (std::is_same_v<Bits, uint16_t> && cpu_has_ssse3()) {
+          g = compress_2_4_flat_16(reinterpret_cast<const uint16_t*>(src),
+                                   reinterpret_cast<uint16_t*>(vals), meta, begin, end);
         } else
 #endif
         {
@@ -262,7 +337,16 @@ at::Tensor nm_decompress_cpu(const at::Tensor& values_in, const at::Tensor& meta
     Bits* dst = static_cast<Bits*>(dense.data_ptr());
     if (n == 2 && m == 4 && L.k % 8 == 0) {
       at::parallel_for(0, rows * L.k / 8, grain_for(2, m), [&](int64_t begin, int64_t end) {
-        const int64_t g = decompress_2_4_flat(vals, meta, dst, begin, end);
+        int64_t g;
+#ifdef SPARSEKIT_X86
+        if (std::is_same_v<Bits, uint16_t> && cpu_has_ssse3()) {
+          g = decompress_2_4_flat_16(reinterpret_cast<const uint16_t*>(vals), meta,
+                                     reinterpret_cast<uint16_t*>(dst), begin, end);
+        } else
+#endif
+        {
+          g = decompress_2_4_flat(vals, meta, dst, begin, end);
+        }
         if (g >= 0) atomic_min(bad, g);
       });
       return;
