@@ -13,8 +13,13 @@
 //   grad input   gxT[c, :] += v[r, j] * gyT[r, :]  for c = col(r, j)   (threads own columns)
 //   sddmm        gv[r, j]  = dot(gyT[r, :], xT[col(r, j), :])
 //
-// Values arrive as fp32, fp16 or bf16 and are widened to fp32 per row; all arithmetic is
-// fp32. Metadata must be canonical (the op validates it before any kernel runs).
+// Values arrive as fp32, fp16 or bf16 and are widened to fp32; all arithmetic is fp32.
+// The general kernels (any N:M) decode a row's metadata into offsets first; the 2:4 ones
+// (*_2_4) map each metadata byte to its four kept columns through a table as they go,
+// and the ISA files add a small-batch 2:4 forward (forward_2_4_typed) that keeps x
+// row-major and gathers it with in-register permutes. Metadata is assumed canonical where
+// it matters for speed; an index >= M is clamped, so corrupt metadata never reads outside
+// the operands.
 #pragma once
 
 #include <cstdint>
@@ -41,27 +46,12 @@ inline void load_values(const SpmmArgs& a, int64_t r, int64_t first, int64_t cou
   }
 }
 
-// Offsets (column * ld) of row r's kept entries in groups [g0, g1), g0 chunk-aligned.
+// Offsets (column * ld) of row r's kept entries in groups [g0, g1), g0 chunk-aligned. Any
+// N:M; 2:4 has kernels of its own that decode metadata bytes through kMetaLanes24.
 inline void decode_offsets(const SpmmArgs& a, int64_t r, int64_t g0, int64_t g1, int64_t* offs) {
   const NMLayout& L = a.layout;
   const uint8_t* meta = a.metadata + r * L.meta_bytes_per_row;
   const int64_t ld = a.ld;
-  if (L.n == 2 && L.m == 4) {  // one byte = two groups, low nibble first
-    int64_t g = g0, o = 0;
-    for (; g + 1 < g1; g += 2, o += 4) {
-      const uint32_t byte = meta[g / 2];
-      offs[o + 0] = (g * 4 + (byte & 3u)) * ld;
-      offs[o + 1] = (g * 4 + ((byte >> 2) & 3u)) * ld;
-      offs[o + 2] = (g * 4 + 4 + ((byte >> 4) & 3u)) * ld;
-      offs[o + 3] = (g * 4 + 4 + (byte >> 6)) * ld;
-    }
-    if (g < g1) {
-      const uint32_t byte = meta[g / 2];
-      offs[o + 0] = (g * 4 + (byte & 3u)) * ld;
-      offs[o + 1] = (g * 4 + ((byte >> 2) & 3u)) * ld;
-    }
-    return;
-  }
   BitReader reader(meta + (g0 * L.n * L.bits) / 8);
   int64_t o = 0;
   for (int64_t g = g0; g < g1; ++g) {
