@@ -14,8 +14,10 @@ def test_demo_runs_and_reports_true_numbers(tmp_path, capsys):
         entry = results["compress"][dtype]
         assert entry["round_trip_exact"] is True
         assert entry["ratio"] == pytest.approx(ratio)
+    for entry in results["linear"].values():
+        assert entry["matches_dense"] is True
     out = capsys.readouterr().out
-    assert "2:4 compression" in out
+    assert "2:4 compression" in out and "Multiplying on the compressed weight" in out
     try:
         import matplotlib  # noqa: F401
     except ImportError:
