@@ -3,6 +3,8 @@ reference, on every ISA variant this machine runs, odd shapes and every dtype.""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sparsekit as sk
 from sparsekit import ops, reference
@@ -181,3 +183,25 @@ def test_torch_compile_fullgraph_forward_and_backward():
     loss(x2, v2).backward()
     assert torch.allclose(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
     assert torch.allclose(values.grad, v2.grad, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(0, 20),
+    k=st.integers(1, 90),
+    rows=st.integers(1, 20),
+    pattern=st.sampled_from(PATTERNS),
+    dtype=st.sampled_from(list(TOL)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_products_equal_reference(batch, k, rows, pattern, dtype, seed):
+    n, m = pattern
+    torch.manual_seed(seed)
+    t, x, gy, bias = operands((batch,), k, rows, n, m, dtype)
+    v64 = t.values.double()
+    assert rel_err(ops.nm_linear(x, t.values, t.metadata, bias, k, n, m),
+                   reference.nm_linear(x.double(), v64, t.metadata, bias.double(), k, n, m)) < TOL[dtype]
+    assert rel_err(ops.nm_linear_grad_input(gy, t.values, t.metadata, k, n, m),
+                   reference.nm_linear_grad_input(gy.double(), v64, t.metadata, k, n, m)) < TOL[dtype]
+    assert rel_err(ops.nm_sddmm(gy, x, t.metadata, k, n, m),
+                   reference.nm_sddmm(gy.double(), x.double(), t.metadata, k, n, m)) < TOL[dtype]
