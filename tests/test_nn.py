@@ -1,0 +1,215 @@
+"""SparseLinear and whole-model sparsify / densify."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit as sk
+
+
+def masked_linear(linear, n=2, m=4, scores=None):
+    w = linear.weight.detach()
+    keep = sk.masks.nm(w, n, m, scores=scores)
+    return torch.where(keep, w, torch.zeros(())), keep
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8", "3:7"])
+@pytest.mark.parametrize("in_features,out_features", [(64, 32), (37, 5), (130, 1)])
+def test_from_dense_equals_masked_dense(pattern, in_features, out_features):
+    n, m = sk.parse_pattern(pattern)
+    lin = nn.Linear(in_features, out_features)
+    layer = sk.SparseLinear.from_dense(lin, pattern)
+    w, _ = masked_linear(lin, n, m)
+    x = torch.randn(7, 3, in_features)
+    assert rel_err(layer(x), nn.functional.linear(x, w, lin.bias)) < 1e-5
+    assert torch.equal(layer.dense_weight(), w)
+    dense = layer.to_dense()
+    assert isinstance(dense, nn.Linear) and torch.equal(dense.weight, w)
+    assert torch.equal(dense.bias, lin.bias)
+
+
+def test_scores_and_explicit_mask():
+    lin = nn.Linear(32, 8)
+    scores = torch.rand(8, 32)
+    layer = sk.SparseLinear.from_dense(lin, scores=scores)
+    assert torch.equal(layer.dense_weight(), masked_linear(lin, scores=scores)[0])
+    mask = sk.masks.nm(torch.randn(8, 32), 2, 4)
+    layer = sk.SparseLinear.from_dense(lin, mask=mask)
+    assert torch.equal(layer.dense_weight() != 0, mask & (lin.weight != 0))
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        sk.SparseLinear.from_dense(lin, mask=torch.ones(8, 32, dtype=torch.bool))
+    with pytest.raises(ValueError, match="scores or mask"):
+        sk.SparseLinear.from_dense(lin, scores=scores, mask=mask)
+
+
+def test_training_updates_kept_weights_only():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 16)
+    layer = sk.SparseLinear.from_dense(lin)
+    kept = layer.dense_weight() != 0
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x, target = torch.randn(32, 48), torch.randn(32, 16)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(layer(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    after = layer.dense_weight()
+    assert torch.all(after[~kept] == 0)  # pruned weights cannot come back
+    assert layer.values.grad.shape == layer.values.shape  # gradients are N/M-sized
+
+
+def test_gradients_equal_masked_dense_layer():
+    lin = nn.Linear(40, 12)
+    layer = sk.SparseLinear.from_dense(lin)
+    w, keep = masked_linear(lin)
+    w = w.clone().requires_grad_()
+    b = lin.bias.detach().clone().requires_grad_()
+    x1 = torch.randn(6, 40, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    layer(x1).square().sum().backward()
+    nn.functional.linear(x2, w, b).square().sum().backward()
+    assert rel_err(x1.grad, x2.grad) < 1e-5
+    assert rel_err(layer.bias.grad, b.grad) < 1e-5
+    dense_grad = sk.ops.nm_decompress(layer.values.grad, layer.metadata, 40, 2, 4)
+    assert rel_err(dense_grad, w.grad * keep) < 1e-5
+
+
+def test_state_dict_round_trip_and_checks():
+    layer = sk.SparseLinear.from_dense(nn.Linear(36, 10))
+    state = layer.state_dict()
+    assert {"values", "metadata", "bias", "_extra_state"} <= set(state)
+    fresh = sk.SparseLinear(36, 10)
+    fresh.load_state_dict(state)
+    x = torch.randn(3, 36)
+    assert torch.equal(fresh(x), layer(x))
+    with pytest.raises(ValueError, match="is for a 2:4 SparseLinear"):
+        sk.SparseLinear(36, 10, pattern="4:8").load_state_dict(state)
+    bad = dict(state, metadata=state["metadata"][:, :1])
+    with pytest.raises(ValueError, match="metadata must be uint8 of shape"):
+        sk.SparseLinear(36, 10).load_state_dict(bad)
+    with pytest.raises(RuntimeError, match="size mismatch for values"):
+        sk.SparseLinear(40, 10).load_state_dict(dict(state, _extra_state={"pattern": "2:4", "in_features": 40}))
+
+
+def test_save_load_deepcopy_and_dtype_moves(tmp_path):
+    layer = sk.SparseLinear.from_dense(nn.Linear(64, 16))
+    x = torch.randn(4, 64)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(x), layer(x))
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.values.mul_(2)
+    assert not torch.equal(twin(x), layer(x))
+    for cast in (torch.bfloat16, torch.float16):
+        moved = copy.deepcopy(layer).to(cast)
+        assert moved.values.dtype == cast and moved.metadata.dtype == torch.uint8
+        assert rel_err(moved(x.to(cast)), layer(x)) < 2e-2
+    assert copy.deepcopy(layer).half().values.dtype == torch.float16
+    assert copy.deepcopy(layer).bfloat16().values.dtype == torch.bfloat16
+
+
+def test_repr_and_bytes():
+    layer = sk.SparseLinear.from_dense(nn.Linear(64, 16))
+    assert "pattern=2:4" in repr(layer) and "of dense" in repr(layer)
+    assert layer.weight_nbytes == layer.values.nbytes + layer.metadata.nbytes
+    assert layer.weight_nbytes / layer.dense_weight_nbytes == pytest.approx(17 / 32)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="linear must be a torch.nn.Linear"):
+        sk.SparseLinear.from_dense(nn.Conv2d(3, 3, 3))
+    with pytest.raises(ValueError, match="pattern"):
+        sk.SparseLinear.from_dense(nn.Linear(8, 8), pattern="4:2")
+    with pytest.raises(ValueError, match="in_features must be a positive int"):
+        sk.SparseLinear(0, 4)
+
+
+# -- sparsify / densify --------------------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self, shared):
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.shared = shared
+
+    def forward(self, x):
+        return self.shared(self.fc2(torch.relu(self.fc1(x))))
+
+
+def make_model():
+    shared = nn.Linear(32, 32)
+    return nn.Sequential(
+        nn.ModuleList([Block(shared), Block(shared)]),
+        nn.Linear(32, 3),  # too small for min_features=33 in one test
+        nn.Conv2d(3, 4, 3),
+    )
+
+
+def run(model, x):
+    for block in model[0]:
+        x = block(x)
+    return model[1](x)
+
+
+def test_sparsify_replaces_nested_shared_once_and_reports():
+    torch.manual_seed(0)
+    model = make_model()
+    expected_params = sum(p.numel() for p in model.parameters())
+    x = torch.randn(5, 32)
+    masked = copy.deepcopy(model)
+    for module in masked.modules():
+        if isinstance(module, nn.Linear):
+            with torch.no_grad():
+                module.weight.copy_(masked_linear(module)[0])
+    report = sk.sparsify(model, "2:4")
+    assert isinstance(model[0][0].fc1, sk.SparseLinear)
+    assert model[0][0].shared is model[0][1].shared  # still one shared module
+    assert isinstance(model[0][0].shared, sk.SparseLinear)
+    assert "2.weight" not in report.converted and "2" in report.skipped  # the Conv2d
+    assert report.params_before == expected_params and report.params_after < expected_params
+    assert report.weight_bytes_after < 0.54 * report.weight_bytes_before
+    assert rel_err(run(model, x), run(masked, x)) < 1e-5
+    assert "layers converted" in str(report)
+    sk.densify(model)
+    assert isinstance(model[0][0].fc1, nn.Linear) and not isinstance(model[0][0].fc1, sk.SparseLinear)
+    assert model[0][0].shared is model[0][1].shared
+    assert rel_err(run(model, x), run(masked, x)) < 1e-5
+
+
+def test_sparsify_include_exclude_and_small():
+    model = make_model()
+    report = sk.sparsify(model, include=["0.*.fc*"], exclude=["0.1.*"])
+    assert sorted(report.converted) == ["0.0.fc1", "0.0.fc2"]
+    assert report.skipped["0.1.fc1"] == "excluded"
+    assert report.skipped["1"] == "not included"
+    model = make_model()
+    report = sk.sparsify(model, min_features=33)
+    assert "too small" in report.skipped["1"]
+    with pytest.raises(ValueError, match="scores names layers"):
+        sk.sparsify(make_model(), scores={"nope": torch.rand(3, 3)})
+
+
+def test_torch_compile_fullgraph_sparsified_mlp():
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    sk.sparsify(model)
+    x = torch.randn(8, 64)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    assert rel_err(out, model(x)) < 1e-6
+    out.sum().backward()
+    assert model[0].values.grad is not None and model[2].bias.grad is not None
