@@ -15,12 +15,12 @@ __version__ = "0.1.0"
 from . import _ext, ops, reference  # noqa: E402  (ops registers the kernels)
 from . import masks  # noqa: E402
 from .format import NMTensor, compress, parse_pattern  # noqa: E402
-from .nn import SparseLinear  # noqa: E402
+from .nn import SparseConv2d, SparseLinear  # noqa: E402
 from .convert import SparsifyReport, densify, sparsify  # noqa: E402
 from .ops import explain  # noqa: E402
 
 __all__ = ["masks", "ops", "reference", "NMTensor", "compress", "parse_pattern", "explain",
-           "SparseLinear", "sparsify", "densify", "SparsifyReport", "build_info", "__version__"]
+           "SparseLinear", "SparseConv2d", "sparsify", "densify", "SparsifyReport", "build_info", "__version__"]
 
 
 def build_info() -> dict:

@@ -1,8 +1,5 @@
-"""Whole-model conversion: `sparsify` swaps eligible nn.Linear layers for SparseLinear in
-place and reports what it did; `densify` swaps them back.
-
-nn.Conv2d layers are reported as skipped until SparseConv2d exists.
-"""
+"""Whole-model conversion: `sparsify` swaps eligible nn.Linear / nn.Conv2d layers for
+SparseLinear / SparseConv2d in place and reports what it did; `densify` swaps them back."""
 
 from __future__ import annotations
 
@@ -13,7 +10,7 @@ import torch
 from torch import nn
 
 from .format import parse_pattern
-from .nn import SparseLinear
+from .nn import SparseConv2d, SparseLinear
 
 __all__ = ["SparsifyReport", "sparsify", "densify"]
 
@@ -56,13 +53,15 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def sparsify(model: nn.Module, pattern: str = "2:4", include=None, exclude=None,
              scores: dict[str, torch.Tensor] | None = None, min_features: int | None = None
              ) -> SparsifyReport:
-    """Replaces every eligible nn.Linear of `model` (nested, in Sequential / ModuleList, a
-    module shared under several names converted once) by SparseLinear, in place.
+    """Replaces every eligible nn.Linear / nn.Conv2d of `model` (nested, in Sequential /
+    ModuleList, a module shared under several names converted once) by SparseLinear /
+    SparseConv2d, in place. Grouped and depthwise convolutions are skipped (reported).
 
     include / exclude: glob patterns on qualified module names ("encoder.*.fc1"); a layer is
     converted if it matches include (when given) and no exclude. scores: optional
     {name: tensor of the weight's shape} for activation-aware N:M selection.
-    min_features: layers with in_features below it are skipped as too small (default M).
+    min_features: layers whose reduction dim (in_features, or C_in*kh*kw) is below it are
+    skipped as too small (default M).
     """
     n, m = parse_pattern(pattern)
     include = [include] if isinstance(include, str) else include
@@ -77,10 +76,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", include=None, exclude=None,
         if id(module) in replaced:  # a shared module: reuse its one replacement
             _replace(model, name, replaced[id(module)])
             continue
-        if isinstance(module, nn.Conv2d):
-            report.skipped[name] = "Conv2d: SparseConv2d is not implemented yet"
-            continue
-        if not isinstance(module, nn.Linear) or isinstance(module, SparseLinear):
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         if include is not None and not _matches(name, include):
             report.skipped[name] = "not included"
@@ -88,10 +84,22 @@ def sparsify(model: nn.Module, pattern: str = "2:4", include=None, exclude=None,
         if _matches(name, exclude):
             report.skipped[name] = "excluded"
             continue
-        if module.in_features < min_features:
-            report.skipped[name] = f"too small (in_features {module.in_features} < {min_features})"
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1:
+                report.skipped[name] = (f"groups={module.groups} (grouped or depthwise "
+                                        "convolution) is not supported")
+                continue
+            if module.padding_mode != "zeros":
+                report.skipped[name] = f"padding_mode={module.padding_mode!r} is not supported"
+                continue
+            reduction = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            reduction = module.in_features
+        if reduction < min_features:
+            report.skipped[name] = f"too small (reduction dim {reduction} < {min_features})"
             continue
-        sparse = SparseLinear.from_dense(module, pattern, scores=scores.get(name))
+        kind = SparseConv2d if isinstance(module, nn.Conv2d) else SparseLinear
+        sparse = kind.from_dense(module, pattern, scores=scores.get(name))
         replaced[id(module)] = sparse
         _replace(model, name, sparse)
         report.converted.append(name)
@@ -105,10 +113,16 @@ def sparsify(model: nn.Module, pattern: str = "2:4", include=None, exclude=None,
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Replaces every SparseLinear of `model` by an equivalent nn.Linear, in place."""
-    replaced: dict[int, nn.Linear] = {}
+    """Replaces every SparseLinear / SparseConv2d of `model` by an equivalent nn.Linear /
+    nn.Conv2d, in place."""
+    replaced: dict[int, nn.Module] = {}
+    convs: list[str] = []  # a SparseConv2d's own SparseLinear goes with it
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(module, SparseLinear) and name:
+        if not name or any(name.startswith(c + ".") for c in convs):
+            continue
+        if isinstance(module, SparseConv2d):
+            convs.append(name)
+        if isinstance(module, (SparseLinear, SparseConv2d)):
             if id(module) not in replaced:
                 replaced[id(module)] = module.to_dense()
             _replace(model, name, replaced[id(module)])

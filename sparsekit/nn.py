@@ -18,7 +18,7 @@ from . import masks, ops
 from .format import compress, parse_pattern
 from .reference import index_bits
 
-__all__ = ["SparseLinear"]
+__all__ = ["SparseLinear", "SparseConv2d"]
 
 
 class SparseLinear(nn.Module):
@@ -135,3 +135,148 @@ class SparseLinear(nn.Module):
                 raise ValueError(f"{prefix}metadata must be uint8 of shape {expected}, got "
                                  f"{meta.dtype} {tuple(meta.shape)}")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _pair(v, name):
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(e, int) for e in v):
+        return tuple(v)
+    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+class SparseConv2d(nn.Module):
+    """2-D convolution with an N:M weight, groups of M along the reduction dim.
+
+    The weight [out, C_in, kh, kw] is permuted to [out, kh, kw, C_in] and flattened to
+    [out, K = kh*kw*C_in], so a group holds M consecutive input channels at one kernel
+    position (when C_in % M == 0; otherwise groups continue into the next position). The
+    product runs as sparsekit.ops.nm_linear: directly on channels-last pixels for 1x1
+    kernels, on unfolded patches otherwise. Supports stride, padding (ints or 'same'),
+    dilation and bias; groups=1 only.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 pattern: str = "2:4", device=None, dtype=None):
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f"groups={groups} (grouped or depthwise convolution) is not supported "
+                             "by SparseConv2d: only groups=1")
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode={padding_mode!r} is not supported: only 'zeros'")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        if padding == "same":
+            if self.stride != (1, 1):
+                raise ValueError("padding='same' needs stride=1 (as in torch.nn.Conv2d)")
+            self.padding = "same"
+        elif padding == "valid":
+            self.padding = (0, 0)
+        else:
+            self.padding = _pair(padding, "padding")
+        self.groups = 1
+        self.reduction = self.kernel_size[0] * self.kernel_size[1] * in_channels
+        self.linear = SparseLinear(self.reduction, out_channels, bias, pattern, device, dtype)
+
+    @property
+    def pattern(self) -> str:
+        return self.linear.pattern
+
+    @property
+    def values(self) -> nn.Parameter:
+        return self.linear.values
+
+    @property
+    def metadata(self) -> torch.Tensor:
+        return self.linear.metadata
+
+    @property
+    def bias(self):
+        return self.linear.bias
+
+    @staticmethod
+    def _flatten(weight: torch.Tensor) -> torch.Tensor:
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, pattern: str = "2:4", scores: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> "SparseConv2d":
+        """Prunes conv.weight to N:M along (kh, kw, C_in)-flattened input channels (the n
+        largest |w|, or `scores` of the weight's shape, or an explicit bool `mask` of the
+        weight's shape) and compresses it."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+        w = conv.weight.detach()
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                    conv.padding_mode, pattern, device=w.device, dtype=w.dtype)
+        for name, t in (("scores", scores), ("mask", mask)):
+            if t is not None and t.shape != w.shape:
+                raise ValueError(f"{name} must have the conv weight's shape {tuple(w.shape)}")
+        flat = nn.Linear(layer.reduction, conv.out_channels, conv.bias is not None,
+                         device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            flat.weight.copy_(cls._flatten(w))
+            if conv.bias is not None:
+                flat.bias.copy_(conv.bias.detach())
+        layer.linear = SparseLinear.from_dense(
+            flat, pattern, scores=None if scores is None else cls._flatten(scores),
+            mask=None if mask is None else cls._flatten(mask))
+        return layer
+
+    def dense_weight(self) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        w = self.linear.dense_weight().view(self.out_channels, kh, kw, self.in_channels)
+        return w.permute(0, 3, 1, 2).contiguous()
+
+    def to_dense(self) -> nn.Conv2d:
+        w = self.dense_weight()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, 1, self.bias is not None,
+                         device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias.detach())
+        return conv
+
+    def _pad_same(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for k, d in zip(reversed(self.kernel_size), reversed(self.dilation)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return nn.functional.pad(x, pads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be [batch, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        padding = self.padding
+        if padding == "same":
+            x, padding = self._pad_same(x), (0, 0)
+        if self.kernel_size == (1, 1) and self.stride == (1, 1) and padding == (0, 0):
+            # 1x1: a direct N:M product over channels, pixels as the batch.
+            return self.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        batch, _, height, width = x.shape
+        kh, kw = self.kernel_size
+        out_h = (height + 2 * padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (width + 2 * padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        cols = nn.functional.unfold(x, self.kernel_size, self.dilation, padding, self.stride)
+        # unfold orders a patch (C, kh, kw); the weight is flattened (kh, kw, C).
+        cols = cols.view(batch, self.in_channels, kh * kw, -1).permute(0, 3, 2, 1)
+        y = self.linear(cols.reshape(batch, -1, self.reduction))  # [batch, L, out]
+        return y.transpose(1, 2).reshape(batch, self.out_channels, out_h, out_w)
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.linear.weight_nbytes
+
+    @property
+    def dense_weight_nbytes(self) -> int:
+        return self.linear.dense_weight_nbytes
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"bias={self.bias is not None}, pattern={self.pattern}")

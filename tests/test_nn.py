@@ -157,6 +157,7 @@ def make_model():
         nn.ModuleList([Block(shared), Block(shared)]),
         nn.Linear(32, 3),  # too small for min_features=33 in one test
         nn.Conv2d(3, 4, 3),
+        nn.Conv2d(4, 4, 3, groups=4),  # depthwise: not supported, skipped with the reason
     )
 
 
@@ -180,7 +181,8 @@ def test_sparsify_replaces_nested_shared_once_and_reports():
     assert isinstance(model[0][0].fc1, sk.SparseLinear)
     assert model[0][0].shared is model[0][1].shared  # still one shared module
     assert isinstance(model[0][0].shared, sk.SparseLinear)
-    assert "2.weight" not in report.converted and "2" in report.skipped  # the Conv2d
+    assert isinstance(model[2], sk.SparseConv2d) and "2" in report.converted
+    assert "depthwise" in report.skipped["3"]
     assert report.params_before == expected_params and report.params_after < expected_params
     assert report.weight_bytes_after < 0.54 * report.weight_bytes_before
     assert rel_err(run(model, x), run(masked, x)) < 1e-5
@@ -188,6 +190,7 @@ def test_sparsify_replaces_nested_shared_once_and_reports():
     sk.densify(model)
     assert isinstance(model[0][0].fc1, nn.Linear) and not isinstance(model[0][0].fc1, sk.SparseLinear)
     assert model[0][0].shared is model[0][1].shared
+    assert type(model[2]) is nn.Conv2d and not hasattr(model[2], "linear")
     assert rel_err(run(model, x), run(masked, x)) < 1e-5
 
 
@@ -199,7 +202,7 @@ def test_sparsify_include_exclude_and_small():
     assert report.skipped["1"] == "not included"
     model = make_model()
     report = sk.sparsify(model, min_features=33)
-    assert "too small" in report.skipped["1"]
+    assert "too small" in report.skipped["1"] and "too small" in report.skipped["2"]
     with pytest.raises(ValueError, match="scores names layers"):
         sk.sparsify(make_model(), scores={"nope": torch.rand(3, 3)})
 
@@ -213,3 +216,91 @@ def test_torch_compile_fullgraph_sparsified_mlp():
     assert rel_err(out, model(x)) < 1e-6
     out.sum().backward()
     assert model[0].values.grad is not None and model[2].bias.grad is not None
+
+
+# -- SparseConv2d -------------------------------------------------------------------------
+
+def conv_mask(conv, n=2, m=4):
+    """The N:M mask of a conv weight along (kh, kw, C_in)-flattened input channels."""
+    w = conv.weight.detach()
+    flat = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+    keep = sk.masks.nm(flat, n, m).view(w.shape[0], w.shape[2], w.shape[3], w.shape[1])
+    return keep.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(kernel_size=1), dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=3, dilation=2, padding="same"), dict(kernel_size=(3, 5), padding=(1, 2), bias=False),
+    dict(kernel_size=2, stride=(2, 1), padding="valid"),
+], ids=["1x1", "3x3s2", "same-dil2", "3x5-nobias", "2x2-valid"])
+@pytest.mark.parametrize("in_channels", [8, 6])
+def test_conv_equals_conv2d_on_masked_weight(kwargs, in_channels):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, 5, **kwargs)
+    layer = sk.SparseConv2d.from_dense(conv)
+    masked = torch.where(conv_mask(conv), conv.weight.detach(), torch.zeros(()))
+    assert torch.equal(layer.dense_weight(), masked)
+    x = torch.randn(2, in_channels, 11, 9)
+    ref = nn.functional.conv2d(x, masked, conv.bias, conv.stride, conv.padding, conv.dilation)
+    assert rel_err(layer(x), ref) < 1e-5
+    assert rel_err(layer.to_dense()(x), ref) < 1e-6
+
+
+def test_conv_groups_along_channels_at_one_position():
+    conv = nn.Conv2d(8, 3, 3)
+    layer = sk.SparseConv2d.from_dense(conv)
+    kept = layer.dense_weight() != 0  # [out, C, kh, kw]
+    per_group = kept.permute(0, 2, 3, 1).reshape(3, 3, 3, 2, 4).sum(-1)
+    assert torch.all(per_group == 2)  # 2 of every 4 consecutive channels at each position
+
+
+def test_conv_trains_and_rejects_unsupported():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    layer = sk.SparseConv2d.from_dense(conv)
+    x = torch.randn(2, 4, 7, 7, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert layer.values.grad is not None and x.grad is not None and layer.bias.grad is not None
+    with pytest.raises(ValueError, match="groups=2"):
+        sk.SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="padding_mode"):
+        sk.SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="x must be"):
+        layer(torch.randn(2, 5, 7, 7))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def test_resnet_style_cnn_integration():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        ResidualBlock(16), nn.Conv2d(16, 32, 1, stride=2), ResidualBlock(32),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    for m in model.modules():  # non-trivial BN statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    masked = copy.deepcopy(model)
+    for m in masked.modules():
+        with torch.no_grad():
+            if isinstance(m, nn.Conv2d) and m.in_channels * m.kernel_size[0] * m.kernel_size[1] >= 4:
+                m.weight.mul_(conv_mask(m))
+            elif isinstance(m, nn.Linear):
+                m.weight.copy_(masked_linear(m)[0])
+    report = sk.sparsify(model)
+    assert len(report.converted) == 7 and not report.skipped
+    x = torch.randn(4, 3, 16, 16)
+    assert rel_err(model(x), masked(x)) < 1e-5
+    model.train()
+    model(x).logsumexp(-1).sum().backward()  # trains through the sparse layers
+    assert model[0].values.grad is not None
