@@ -38,6 +38,15 @@ def linear_rows(data):
                    f"{info['ratio']:.2f}x{verdict}")
 
 
+def module_rows(data):
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if info.get("kind") == "module":
+            yield (info["what"], f"{info['dense_s'] * 1e3:.1f} ms", f"{info['sparse_s'] * 1e3:.1f} ms",
+                   f"{info['ratio']:.2f}x",
+                   f"{info['sparse_weight_bytes'] / info['dense_weight_bytes']:.3f}")
+
+
 def plot_linear(data, path):
     try:
         import matplotlib
@@ -91,6 +100,12 @@ def main(path):
         png = path.rsplit(".", 1)[0] + "_linear.png"
         if plot_linear(data, png):
             print(f"\nPlot: {png}")
+    modules = list(module_rows(data))
+    if modules:
+        print("\n| module (2:4, fp32) | dense | sparsified | speed-up | weight bytes vs dense |")
+        print("|---|---|---|---|---|")
+        for row in modules:
+            print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

