@@ -5,7 +5,9 @@ there (CPU in csrc/cpu, CUDA in csrc/cuda). This module adds, for every op:
   - the plain-torch reference as the CompositeExplicitAutograd kernel, which the dispatcher
     uses for any device without a kernel of its own (and for all devices when the
     extension is not built: the schemas are then declared here, identically);
-  - a fake (meta) implementation, so torch.compile(fullgraph=True) traces through.
+  - a fake (meta) implementation, so torch.compile(fullgraph=True) traces through;
+  - autograd for every differentiable op (nm_mask returns a bool mask: none), each backward
+    itself written with sparsekit ops, so double backward works too.
 `explain(op, *args)` tells which implementation a call would run.
 """
 
@@ -130,6 +132,100 @@ def _nm_linear_backward(ctx, grad_out):
 
 torch.library.register_autograd(f"{NAMESPACE}::nm_linear", _nm_linear_backward,
                                 setup_context=_nm_linear_setup_context)
+
+
+def _nm_linear_grad_input_setup(ctx, inputs, output):
+    grad_out, values, metadata, k, n, m = inputs
+    ctx.save_for_backward(grad_out, values, metadata)
+    ctx.pattern = (k, n, m)
+
+
+def _nm_linear_grad_input_backward(ctx, g):
+    # out = grad_out @ W, linear in both: d/dgrad_out = g @ W^T, d/dvalues = sddmm(grad_out, g).
+    grad_out, values, metadata = ctx.saved_tensors
+    k, n, m = ctx.pattern
+    d_gy = d_values = None
+    if ctx.needs_input_grad[0]:
+        d_gy = torch.ops.sparsekit.nm_linear(g, values, metadata, None, k, n, m)
+    if ctx.needs_input_grad[1]:
+        d_values = torch.ops.sparsekit.nm_sddmm(grad_out, g, metadata, k, n, m)
+    return d_gy, d_values, None, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::nm_linear_grad_input", _nm_linear_grad_input_backward,
+                                setup_context=_nm_linear_grad_input_setup)
+
+
+def _nm_sddmm_setup(ctx, inputs, output):
+    grad_out, x, metadata, k, n, m = inputs
+    ctx.save_for_backward(grad_out, x, metadata)
+    ctx.pattern = (k, n, m)
+
+
+def _nm_sddmm_backward(ctx, g):
+    # out[r, j] = sum_b grad_out[b, r] x[b, col(r, j)]; with G the dense form of g:
+    # d/dgrad_out = x @ G^T, d/dx = grad_out @ G.
+    grad_out, x, metadata = ctx.saved_tensors
+    k, n, m = ctx.pattern
+    d_gy = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_gy = torch.ops.sparsekit.nm_linear(x, g, metadata, None, k, n, m)
+    if ctx.needs_input_grad[1]:
+        d_x = torch.ops.sparsekit.nm_linear_grad_input(grad_out, g, metadata, k, n, m)
+    return d_gy, d_x, None, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::nm_sddmm", _nm_sddmm_backward,
+                                setup_context=_nm_sddmm_setup)
+
+
+def _kept_positions(metadata, k, n, m):
+    """Column of every kept slot [rows, groups * n] and whether it lies inside k."""
+    groups = _groups(k, m)
+    idx = reference.unpack_bits(metadata, reference.index_bits(m), groups * n)
+    cols = idx.view(-1, groups, n) + torch.arange(groups, device=metadata.device).view(1, -1, 1) * m
+    cols = cols.reshape(metadata.shape[0], groups * n)
+    return cols.clamp(max=max(k - 1, 0)), cols < k
+
+
+def _nm_decompress_setup(ctx, inputs, output):
+    values, metadata, k, n, m = inputs
+    ctx.save_for_backward(metadata)
+    ctx.pattern = (k, n, m)
+
+
+def _nm_decompress_backward(ctx, g):
+    # dense = scatter(values): the values' gradient gathers g at the kept columns.
+    (metadata,) = ctx.saved_tensors
+    k, n, m = ctx.pattern
+    cols, inside = _kept_positions(metadata, k, n, m)
+    if k == 0:
+        return g.new_zeros(cols.shape), None, None, None, None
+    return torch.gather(g, 1, cols) * inside, None, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::nm_decompress", _nm_decompress_backward,
+                                setup_context=_nm_decompress_setup)
+
+
+def _nm_compress_setup(ctx, inputs, output):
+    w, n, m = inputs
+    ctx.save_for_backward(output[1])
+    ctx.pattern = (w.shape[1], n, m)
+
+
+def _nm_compress_backward(ctx, g_values, g_metadata):
+    # values = gather(w): w's gradient scatters g_values back (slots past k are padding).
+    (metadata,) = ctx.saved_tensors
+    k, n, m = ctx.pattern
+    cols, inside = _kept_positions(metadata, k, n, m)
+    grad = g_values.new_zeros(metadata.shape[0], max(k, 1))
+    grad.scatter_add_(1, cols, g_values * inside)
+    return grad[:, :k], None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::nm_compress", _nm_compress_backward,
+                                setup_context=_nm_compress_setup)
 
 
 def nm_linear(x, values, metadata, bias, k: int, n: int, m: int) -> torch.Tensor:

@@ -205,3 +205,32 @@ def test_property_products_equal_reference(batch, k, rows, pattern, dtype, seed)
                    reference.nm_linear_grad_input(gy.double(), v64, t.metadata, k, n, m)) < TOL[dtype]
     assert rel_err(ops.nm_sddmm(gy, x, t.metadata, k, n, m),
                    reference.nm_sddmm(gy.double(), x.double(), t.metadata, k, n, m)) < TOL[dtype]
+
+
+def test_gradcheck_every_differentiable_op_fp64():
+    t, x, gy, bias = operands((3,), 16, 5, 2, 4, torch.float64)
+    meta = t.metadata
+    values = t.values.clone().requires_grad_()
+    x = x.requires_grad_()
+    gy = gy.requires_grad_()
+    checks = [
+        (lambda g, v: ops.nm_linear_grad_input(g, v, meta, 16, 2, 4), (gy, values)),
+        (lambda g, a: ops.nm_sddmm(g, a, meta, 16, 2, 4), (gy, x)),
+        (lambda v: ops.nm_decompress(v, meta, 16, 2, 4), (values,)),
+    ]
+    for fn, args in checks:
+        assert torch.autograd.gradcheck(fn, args)
+    # compress: gradients flow back to the kept entries of w only.
+    w = t.to_dense().clone().requires_grad_()
+    vals, _ = ops.nm_compress(w, 2, 4)
+    vals.sum().backward()
+    kept = ops.nm_decompress(torch.ones_like(vals), meta, 16, 2, 4)  # 1 at every kept slot
+    assert torch.equal(w.grad, kept)
+
+
+def test_double_backward_through_nm_linear():
+    t, x, gy, bias = operands((4,), 16, 6, 2, 4, torch.float64)
+    values = t.values.clone().requires_grad_()
+    x = x.requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a, v: ops.nm_linear(a, v, t.metadata, None, 16, 2, 4),
+                                        (x, values))

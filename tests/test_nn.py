@@ -304,3 +304,21 @@ def test_resnet_style_cnn_integration():
     model.train()
     model(x).logsumexp(-1).sum().backward()  # trains through the sparse layers
     assert model[0].values.grad is not None
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_torch_compile_fullgraph_sparsified_cnn(training):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          ResidualBlock(8), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 36, 4))
+    sk.sparsify(model)
+    model.train(training)
+    x = torch.randn(2, 3, 6, 6)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    reference = copy.deepcopy(model)
+    out = compiled(x)
+    assert rel_err(out, reference(x)) < 1e-5
+    if training:
+        out.square().sum().backward()
+        reference(x).square().sum().backward()
+        assert rel_err(model[0].values.grad, reference[0].values.grad) < 1e-5
