@@ -4,33 +4,10 @@ figure was measured on (machine, torch version, thread count)."""
 from __future__ import annotations
 
 import platform
-import time
 
 import torch
 
-
-def min_seconds(fn, repeats: int) -> float:
-    """Best wall time of `repeats` calls (after the caller's warm-up)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def paired_seconds(fn_a, fn_b, repeats: int) -> tuple[float, float]:
-    """Best wall times of fn_a and fn_b, called alternately so that both see the same
-    machine state (other tenants, caches, frequency) rather than one noisy stretch each."""
-    best_a = best_b = float("inf")
-    fn_a(), fn_b()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn_a()
-        mid = time.perf_counter()
-        fn_b()
-        best_a, best_b = min(best_a, mid - start), min(best_b, time.perf_counter() - mid)
-    return best_a, best_b
+from sparsekit.timing import paired_seconds  # noqa: F401  (the benchmarks use it)
 
 
 def cpu_model() -> str:

@@ -12,23 +12,11 @@ import torch
 from torch import nn
 
 from . import _ext, build_info, compress, explain, masks, ops
+from .timing import paired_seconds
 
 
 def _bytes(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
-
-
-def _paired_best(fn_a, fn_b, repeats):
-    """Best times of two functions called alternately (neither gets a warmer machine)."""
-    best_a = best_b = float("inf")
-    fn_a(), fn_b()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn_a()
-        mid = time.perf_counter()
-        fn_b()
-        best_a, best_b = min(best_a, mid - start), min(best_b, time.perf_counter() - mid)
-    return best_a, best_b
 
 
 def _mask_table(weight: torch.Tensor, conv_weight: torch.Tensor):
@@ -128,7 +116,7 @@ def run_demo(out_dir: str, seed: int = 0) -> int:
         x = torch.randn(batch, 4096)
         sparse = lambda: ops.nm_linear(x, big.values, big.metadata, None, 4096, 2, 4)  # noqa: E731
         dense = lambda: torch.nn.functional.linear(x, dense_w)  # noqa: E731
-        dense_s, sparse_s = _paired_best(dense, sparse, 5)
+        dense_s, sparse_s = paired_seconds(dense, sparse, 5)
         # Both sum in fp32 in different orders: compare by relative error, as the tests do.
         exact = ((sparse() - dense()).norm() / dense().norm()).item() < 1e-5
         results["linear"][batch] = {"dense_s": dense_s, "sparse_s": sparse_s, "matches_dense": exact}
