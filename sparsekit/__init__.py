@@ -17,10 +17,11 @@ from . import masks  # noqa: E402
 from .format import NMTensor, compress, parse_pattern  # noqa: E402
 from .nn import SparseConv2d, SparseLinear  # noqa: E402
 from .convert import SparsifyReport, densify, sparsify  # noqa: E402
+from . import prune  # noqa: E402
 from .ops import explain  # noqa: E402
 
 __all__ = ["masks", "ops", "reference", "NMTensor", "compress", "parse_pattern", "explain",
-           "SparseLinear", "SparseConv2d", "sparsify", "densify", "SparsifyReport", "build_info", "__version__"]
+           "prune", "SparseLinear", "SparseConv2d", "sparsify", "densify", "SparsifyReport", "build_info", "__version__"]
 
 
 def build_info() -> dict:

@@ -1,0 +1,102 @@
+"""Sparsity schedules: the target sparsity at a training step.
+
+Each schedule is a callable `schedule(step) -> float` in [0, 1], constant before `start`
+and after the ramp ends. Steps count calls of `Pruner.step()` (see sparsekit.prune).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["Schedule", "cubic", "linear", "exponential", "stepwise", "constant"]
+
+
+def _check_fraction(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0 or math.isnan(v):
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {v!r}")
+    return float(v)
+
+
+def _check_steps(name, v, minimum=0):
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A ramp from `initial` to `final` sparsity over steps [start, start + steps * every],
+    updated every `every` steps (piecewise constant in between), shaped by `kind`."""
+
+    initial: float
+    final: float
+    start: int
+    steps: int
+    every: int
+    kind: str
+
+    def __call__(self, step: int) -> float:
+        if step < self.start:
+            return self.initial if self.kind != "constant" else self.final
+        done = min((step - self.start) // self.every, self.steps)  # updates made so far
+        frac = done / self.steps if self.steps else 1.0
+        s_i, s_f = self.initial, self.final
+        if self.kind == "cubic":  # Zhu & Gupta 2017
+            return s_f + (s_i - s_f) * (1.0 - frac) ** 3
+        if self.kind == "linear":
+            return s_i + (s_f - s_i) * frac
+        if self.kind == "exponential":  # density shrinks geometrically
+            d_i, d_f = 1.0 - s_i, 1.0 - s_f
+            if d_f == 0.0:
+                return s_i + (s_f - s_i) * frac if frac < 1 else s_f
+            return 1.0 - d_i * (d_f / d_i) ** frac
+        if self.kind == "stepwise":  # `steps` holds the increment count, see stepwise()
+            return min(s_f, s_i + (s_f - s_i) * frac)
+        return s_f  # constant
+
+    @property
+    def end(self) -> int:
+        """The first step at which the final sparsity holds."""
+        return self.start + self.steps * self.every
+
+
+def cubic(initial: float, final: float, start: int = 0, steps: int = 10, every: int = 1) -> Schedule:
+    """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3, with n = steps
+    updates every dt = `every` steps from t0 = `start`: fast early, gentle near the end."""
+    return Schedule(_check_fraction("initial", initial), _check_fraction("final", final),
+                    _check_steps("start", start), _check_steps("steps", steps),
+                    _check_steps("every", every, 1), "cubic")
+
+
+def linear(initial: float, final: float, start: int = 0, steps: int = 10, every: int = 1) -> Schedule:
+    """Sparsity grows by the same amount at each of `steps` updates."""
+    return Schedule(_check_fraction("initial", initial), _check_fraction("final", final),
+                    _check_steps("start", start), _check_steps("steps", steps),
+                    _check_steps("every", every, 1), "linear")
+
+
+def exponential(initial: float, final: float, start: int = 0, steps: int = 10, every: int = 1) -> Schedule:
+    """The kept fraction (density) shrinks by the same factor at each update."""
+    return Schedule(_check_fraction("initial", initial), _check_fraction("final", final),
+                    _check_steps("start", start), _check_steps("steps", steps),
+                    _check_steps("every", every, 1), "exponential")
+
+
+def stepwise(initial: float = 0.1, increment: float = 0.05, final: float = 0.5, start: int = 0,
+             every: int = 1) -> Schedule:
+    """The seed article's rounds: `initial`, then + `increment` per round up to `final`
+    (10% then +5% per round to 50% by default); a round is `every` steps."""
+    initial, final = _check_fraction("initial", initial), _check_fraction("final", final)
+    increment = _check_fraction("increment", increment)
+    if increment == 0.0 or final < initial:
+        raise ValueError("increment must be > 0 and final >= initial")
+    rounds = math.ceil(round((final - initial) / increment, 9))
+    return Schedule(initial, final, _check_steps("start", start), rounds,
+                    _check_steps("every", every, 1), "stepwise")
+
+
+def constant(sparsity: float) -> Schedule:
+    """The same sparsity at every step (one-shot pruning)."""
+    s = _check_fraction("sparsity", sparsity)
+    return Schedule(s, s, 0, 0, 1, "constant")
