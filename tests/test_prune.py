@@ -138,3 +138,96 @@ def test_bad_arguments():
         prune.attach_mask(lin, mask=torch.ones(4, 4))
     with pytest.raises(ValueError, match="no mask attached"):
         prune.remove_mask(lin)
+
+
+# -- network slimming ----------------------------------------------------------------------
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = self.pool(torch.relu(self.b2(self.c2(x))))
+        return self.fc(torch.flatten(x, 1))
+
+
+def _zero_some_channels(model, fraction, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.5, 0.5, generator=gen)
+                bn.running_var.uniform_(0.5, 1.5, generator=gen)
+                bn.weight.uniform_(0.5, 1.5, generator=gen)
+                zero = torch.randperm(bn.num_features, generator=gen)[: int(fraction * bn.num_features)]
+                bn.weight[zero] = 0
+                bn.bias[zero] = 0
+
+
+def test_slimming_zero_gamma_channels_keeps_outputs():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    _zero_some_channels(model, 0.5)
+    x = torch.randn(4, 1, 8, 8)
+    before = model(x)
+    report = prune.slim(model, 0.5, x)
+    assert report.kept == {"b1": (8, 16), "b2": (16, 32)}
+    assert model.c2.in_channels == 8 and model.fc.in_features == 16 * 16
+    assert report.params_after < 0.5 * report.params_before
+    assert torch.allclose(model(x), before, atol=1e-6)
+    assert "parameters" in str(report)
+
+
+def test_slimming_leaves_residual_channels_alone_and_runs():
+    torch.manual_seed(0)
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = torch.relu(self.bn0(self.stem(x)))
+            y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+            x = torch.relu(x + y)
+            return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    model = Res().eval()
+    _zero_some_channels(model, 0.5)
+    x = torch.randn(2, 3, 6, 6)
+    before = model(x)
+    report = prune.slim(model, 0.5, x)
+    assert "residual" in report.left_alone["bn0"] and "residual" in report.left_alone["b2"]
+    assert report.kept["b1"][0] < 8  # the inner channels of the block are slimmed
+    assert torch.allclose(model(x), before, atol=1e-6)
+
+
+def test_bn_l1_penalty_and_grad():
+    model = SmallCNN()
+    total = sum(bn.weight.abs().sum() for bn in (model.b1, model.b2))
+    assert torch.allclose(prune.bn_l1_penalty(model, 1e-3), 1e-3 * total)
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    before = model.b1.weight.grad.clone()
+    prune.add_bn_l1_grad(model, 0.1)
+    assert torch.allclose(model.b1.weight.grad, before + 0.1 * torch.sign(model.b1.weight.detach()))
+    with pytest.raises(ValueError, match="lam"):
+        prune.bn_l1_penalty(model, -1.0)
+
+
+def test_select_channels_keeps_a_minimum_per_layer():
+    model = SmallCNN()
+    with torch.no_grad():
+        model.b1.weight.fill_(1e-3)  # all of b1 below any threshold
+        model.b2.weight.uniform_(0.5, 1.0)
+    keep = prune.select_channels(model, 0.3, min_channels=4)
+    assert int(keep["b1"].sum()) == 4
+    with pytest.raises(ValueError, match="ratio"):
+        prune.select_channels(model, 1.0)
