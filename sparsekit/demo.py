@@ -1,4 +1,4 @@
-"""The demonstration behind `make demo`: every mask method on real PyTorch layers, the
+"""The tour (`python -m sparsekit tour`): every mask method on real PyTorch layers, the
 2:4 compressed format and what it saves, a 2:4 linear layer multiplied on its compressed
 weight against dense, and a picture of the masks."""
 
@@ -130,7 +130,7 @@ def run_demo(out_dir: str, seed: int = 0) -> int:
         print(f"\nFigure: {figure}")
     else:
         print("\n(matplotlib is not installed: no figure)")
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
+    with open(os.path.join(out_dir, "tour.json"), "w") as f:
         json.dump(results, f, indent=2)
-    print(f"Results: {os.path.join(out_dir, 'results.json')}")
+    print(f"Results: {os.path.join(out_dir, 'tour.json')}")
     return 0

@@ -5,9 +5,9 @@ import pytest
 from sparsekit.__main__ import main
 
 
-def test_demo_runs_and_reports_true_numbers(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
+def test_tour_runs_and_reports_true_numbers(tmp_path, capsys):
+    assert main(["tour", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "tour.json").read_text())
     assert results["masks"]["2:4 (N:M)"]["kept_fraction"] == pytest.approx(0.5)
     assert results["masks"]["magnitude 50%"]["kept_fraction"] == pytest.approx(0.5)
     for dtype, ratio in [("torch.float32", 17 / 32), ("torch.float16", 9 / 16)]:
@@ -23,6 +23,27 @@ def test_demo_runs_and_reports_true_numbers(tmp_path, capsys):
     except ImportError:
         return
     assert (tmp_path / "masks.png").stat().st_size > 10_000
+
+
+def test_digits_demo_short_run_writes_table_results_and_figure(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="the digits demo needs scikit-learn (make test installs it)")
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "3", "--finetune", "2"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["model"]: r for r in results["rows"]}
+    assert set(rows) == {"dense", "2:4 fine-tuned", "slimmed", "80% unstructured"}
+    assert rows["dense"]["accuracy"] > 80  # learns even in 3 epochs
+    assert rows["2:4 fine-tuned"]["weight_bytes"] == pytest.approx(
+        rows["dense"]["weight_bytes"] * 0.53, rel=0.02)  # 17/32, plus the padded first conv
+    assert rows["80% unstructured"]["nonzero_weights"] == pytest.approx(
+        0.2 * rows["dense"]["nonzero_weights"], rel=0.01)
+    assert results["slimming"]["params_after"] < results["slimming"]["params_before"]
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "target" in out
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "pruning.png").stat().st_size > 10_000
 
 
 def test_info_prints_build_info(capsys):
