@@ -322,3 +322,21 @@ def test_torch_compile_fullgraph_sparsified_cnn(training):
         out.square().sum().backward()
         reference(x).square().sum().backward()
         assert rel_err(model[0].values.grad, reference[0].values.grad) < 1e-5
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_fullgraph_train_and_eval():
+    # The default backend (inductor) generates and compiles C++ for the rest of the graph;
+    # sparsekit's ops stay opaque custom ops inside it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    sk.sparsify(model)
+    x = torch.randn(8, 64)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    assert rel_err(out, model(x)) < 1e-6
+    out.sum().backward()
+    assert model[0].values.grad is not None
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) < 1e-6
