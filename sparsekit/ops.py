@@ -179,15 +179,6 @@ torch.library.register_autograd(f"{NAMESPACE}::nm_sddmm", _nm_sddmm_backward,
                                 setup_context=_nm_sddmm_setup)
 
 
-def _kept_positions(metadata, k, n, m):
-    """Column of every kept slot [rows, groups * n] and whether it lies inside k."""
-    groups = _groups(k, m)
-    idx = reference.unpack_bits(metadata, reference.index_bits(m), groups * n)
-    cols = idx.view(-1, groups, n) + torch.arange(groups, device=metadata.device).view(1, -1, 1) * m
-    cols = cols.reshape(metadata.shape[0], groups * n)
-    return cols.clamp(max=max(k - 1, 0)), cols < k
-
-
 def _nm_decompress_setup(ctx, inputs, output):
     values, metadata, k, n, m = inputs
     ctx.save_for_backward(metadata)
@@ -198,7 +189,7 @@ def _nm_decompress_backward(ctx, g):
     # dense = scatter(values): the values' gradient gathers g at the kept columns.
     (metadata,) = ctx.saved_tensors
     k, n, m = ctx.pattern
-    cols, inside = _kept_positions(metadata, k, n, m)
+    cols, inside = reference.kept_columns(metadata, k, n, m)
     if k == 0:
         return g.new_zeros(cols.shape), None, None, None, None
     return torch.gather(g, 1, cols) * inside, None, None, None, None
@@ -218,7 +209,7 @@ def _nm_compress_backward(ctx, g_values, g_metadata):
     # values = gather(w): w's gradient scatters g_values back (slots past k are padding).
     (metadata,) = ctx.saved_tensors
     k, n, m = ctx.pattern
-    cols, inside = _kept_positions(metadata, k, n, m)
+    cols, inside = reference.kept_columns(metadata, k, n, m)
     grad = g_values.new_zeros(metadata.shape[0], max(k, 1))
     grad.scatter_add_(1, cols, g_values * inside)
     return grad[:, :k], None, None

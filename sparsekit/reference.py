@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["index_bits", "nm_mask", "nm_compress", "nm_decompress", "pack_bits", "unpack_bits"]
+__all__ = ["index_bits", "nm_mask", "nm_compress", "nm_decompress", "pack_bits", "unpack_bits",
+           "kept_columns", "nm_linear", "nm_linear_grad_input", "nm_sddmm"]
 
 
 def index_bits(m: int) -> int:
@@ -133,12 +134,22 @@ def nm_linear_grad_input(grad_out, values, metadata, k: int, n: int, m: int) -> 
     return torch.matmul(grad_out, nm_decompress(values, metadata, k, n, m))
 
 
+def kept_columns(metadata: torch.Tensor, k: int, n: int, m: int):
+    """(columns, inside): the dense column of every kept slot, [rows, ceil(k/m)*n], clamped
+    into [0, k), and whether the slot lies inside k (False for K's padding)."""
+    rows, groups = metadata.shape[0], -(-k // m)
+    idx = unpack_bits(metadata, index_bits(m), groups * n).view(rows, groups, n)
+    cols = (idx + torch.arange(groups, device=metadata.device).view(1, groups, 1) * m)
+    cols = cols.reshape(rows, groups * n)
+    return cols.clamp(max=max(k - 1, 0)), cols < k
+
+
 def nm_sddmm(grad_out, x, metadata, k: int, n: int, m: int) -> torch.Tensor:
     """Gradient of the kept values: (grad_out^T @ x)[r, col(r, j)] for every kept (r, j),
     in the values layout [rows, ceil(k/m)*n]."""
     rows = metadata.shape[0]
-    groups = -(-k // m)
     dense = grad_out.reshape(-1, rows).t() @ x.reshape(-1, k)  # [rows, k]
-    idx = unpack_bits(metadata, index_bits(m), groups * n).view(rows, groups, n)
-    padded = _pad_last(dense, m, 0).view(rows, groups, m)
-    return torch.gather(padded, -1, idx.clamp(max=m - 1)).reshape(rows, groups * n)
+    cols, inside = kept_columns(metadata, k, n, m)
+    if k == 0:
+        return dense.new_zeros(cols.shape)
+    return torch.gather(dense, 1, cols) * inside

@@ -169,6 +169,23 @@ void sddmm_rows(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch) {
   }
 }
 
+// One fp16 / bf16 value (flat index) as fp32.
+inline float value16(const SpmmArgs& a, int64_t at) {
+  const uint16_t h = static_cast<const uint16_t*>(a.values)[at];
+  return a.vtype == ValueType::kBFloat16 ? bf16_to_float(h) : V::half1(h);
+}
+
+// Values of row r for groups [g0, g1) as fp32: in place for fp32, widened into scratch.
+inline const float* row_values_f32(const SpmmArgs& a, int64_t r, int64_t g0, int64_t g1,
+                                   float* scratch) {
+  const int64_t first = g0 * a.layout.n;
+  if (a.vtype == ValueType::kFloat32) {
+    return static_cast<const float*>(a.values) + r * a.layout.values_per_row + first;
+  }
+  load_values(a, r, first, (g1 - g0) * a.layout.n, scratch);
+  return scratch;
+}
+
 // Prefetches row r's values and metadata for groups [g0, g1): rows are visited a K-block
 // at a time, a pattern (8 KB strides) the hardware prefetcher does not follow.
 inline void prefetch_block(const SpmmArgs& a, int64_t r, int64_t g0, int64_t g1) {
@@ -189,7 +206,6 @@ void forward_2_4_batch(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
   constexpr int64_t ld = int64_t{NB} * V::kLanes;  // == a.ld (the wrapper picks NB from it)
   // Independent accumulator sets: enough FMA chains in flight, within the register file.
   constexpr int S = (NB >= 4 || 4 * NB + 4 > V::kRegs) ? (2 * NB + 2 > V::kRegs ? 1 : 2) : 4;
-  const bool f32 = a.vtype == ValueType::kFloat32;
   // Rows per tile: their compressed data stays in L2 across the K-blocks, and each K-block
   // of xT is brought into L1 once per tile.
   constexpr int64_t kTile = 64;
@@ -204,13 +220,7 @@ void forward_2_4_batch(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
       const int64_t g1 = g0 + a.block_groups < L.groups ? g0 + a.block_groups : L.groups;
       for (int64_t i = 0; i < nr; ++i) {
         const int64_t r = rt + i;
-        const float* vals;
-        if (f32) {
-          vals = static_cast<const float*>(a.values) + r * L.values_per_row + 2 * g0;
-        } else {
-          load_values(a, r, 2 * g0, 2 * (g1 - g0), scratch);
-          vals = scratch;
-        }
+        const float* vals = row_values_f32(a, r, g0, g1, scratch);
         const uint8_t* meta = a.metadata + r * L.meta_bytes_per_row;
         prefetch_block(a, r + 2 < r1 ? r + 2 : r, g0, g1);
         float* y = a.out + r * ld;
@@ -243,23 +253,6 @@ void forward_2_4_batch(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
       }
     }
   }
-}
-
-// One fp16 / bf16 value (flat index) as fp32.
-inline float value16(const SpmmArgs& a, int64_t at) {
-  const uint16_t h = static_cast<const uint16_t*>(a.values)[at];
-  return a.vtype == ValueType::kBFloat16 ? bf16_to_float(h) : V::half1(h);
-}
-
-// Values of row r for groups [g0, g1) as fp32: in place for fp32, widened into scratch.
-inline const float* row_values_f32(const SpmmArgs& a, int64_t r, int64_t g0, int64_t g1,
-                                   float* scratch) {
-  const int64_t first = g0 * a.layout.n;
-  if (a.vtype == ValueType::kFloat32) {
-    return static_cast<const float*>(a.values) + r * a.layout.values_per_row + first;
-  }
-  load_values(a, r, first, (g1 - g0) * a.layout.n, scratch);
-  return scratch;
 }
 
 // 2:4 grad input for H batch registers starting at register h0 of each gyT/gxT row. Per
