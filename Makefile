@@ -28,11 +28,14 @@ build: setup
 demo: build
 	$(PY) -m sparsekit demo
 
+# -P: the repository root stays off sys.path, so its kernels/ folder (installed as
+# sparsekit.kernels) is not also importable as a top-level package named "kernels" (which
+# transformers, for one, would take for the Hugging Face kernels package and import).
 test: build
-	$(PY) -m pytest tests -q
+	$(PY) -P -m pytest tests -q
 
 bench: build
-	$(PY) -m pytest bench --benchmark-only -q --benchmark-json=bench/results/cpu.json
+	$(PY) -P -m pytest bench --benchmark-only -q --benchmark-json=bench/results/cpu.json
 	$(PY) bench/report.py bench/results/cpu.json
 
 # Once by hand (not in CI): C++-only build and CPU tests on the CPU torch wheel.

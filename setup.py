@@ -67,8 +67,12 @@ def _configure_cuda():
         if _flag("FORCE_CUDA"):
             sys.exit("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
         return False, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        # No GPU: the architectures the kernels are written for. With GPUs: theirs (what
+        # torch would pick), written down so build_info reports what was really built.
+        visible = sorted({"%d.%d" % torch.cuda.get_device_capability(i)
+                          for i in range(torch.cuda.device_count())})
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(visible) or "8.0;9.0"
     return True, f"CUDA_HOME={home}, arch {os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')}"
 
 
