@@ -35,6 +35,32 @@ TORCH_LIBRARY(sparsekit, lib) {
       "int m) -> Tensor");
   // Gradient of the kept values: (grad_out^T @ x) at W's kept positions, values layout.
   lib.def("nm_sddmm(Tensor grad_out, Tensor x, Tensor metadata, int k, int n, int m) -> Tensor");
+  // y = x @ (weight * mask)^T (+ bias) with a dense weight [rows, k] and its mask given as
+  // packed bits (n = m = 0: uint8 [rows, ceil(k/8)], column c at bit c % 8 of byte c // 8)
+  // or as canonical N:M metadata; pruned entries select 0. Triton on CUDA (kernels/).
+  lib.def(
+      "masked_linear(Tensor x, Tensor weight, Tensor mask, Tensor? bias, int n=0, int m=0) "
+      "-> Tensor");
+  // grad_x = grad_out @ (weight * mask): grad_out [..., rows] -> [..., k].
+  lib.def(
+      "masked_linear_grad_input(Tensor grad_out, Tensor weight, Tensor mask, int n=0, "
+      "int m=0) -> Tensor");
+  // grad_W = (grad_out^T @ x) * mask: [rows, k], exactly 0 wherever the mask prunes.
+  lib.def(
+      "masked_linear_grad_weight(Tensor grad_out, Tensor x, Tensor mask, int n=0, int m=0) "
+      "-> Tensor");
+  // Internal (no reference; present only in a compiled build): the 2:4 sparse tensor-core
+  // path. sp24_pack derives the mma.sp layout (csrc/sp24_layout.h) from the canonical pair;
+  // sp24_linear multiplies on it (CUDA); sp24_emulate_linear replays the MMA fragment rules
+  // on the CPU in float64, to check the layout without a GPU (staged: through the large-batch
+  // kernel's shared-memory staging and ldmatrix, else the small-batch kernel's loads).
+  lib.def("sp24_pack(Tensor values, Tensor metadata, int k) -> (Tensor, Tensor)");
+  lib.def(
+      "sp24_linear(Tensor x, Tensor packed_values, Tensor packed_meta, Tensor? bias, int rows, "
+      "int k) -> Tensor");
+  lib.def(
+      "sp24_emulate_linear(Tensor x, Tensor packed_values, Tensor packed_meta, Tensor? bias, "
+      "int rows, int k, bool staged=False) -> Tensor");
 }
 
 namespace sparsekit {

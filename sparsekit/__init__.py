@@ -24,6 +24,16 @@ __all__ = ["masks", "ops", "reference", "NMTensor", "compress", "parse_pattern",
            "prune", "SparseLinear", "SparseConv2d", "sparsify", "densify", "SparsifyReport", "build_info", "__version__"]
 
 
+def __getattr__(name):
+    # sparsekit.kernels (Triton) loads on first use, so `import sparsekit` never imports
+    # triton (and TRITON_INTERPRET may still be set before it is).
+    if name == "kernels":
+        import importlib
+
+        return importlib.import_module(".kernels", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def build_info() -> dict:
     """How this installation was built and which kernels it runs.
 

@@ -13,12 +13,16 @@ there (CPU in csrc/cpu, CUDA in csrc/cuda). This module adds, for every op:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import _ext, reference
 
 __all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "nm_linear",
-           "nm_linear_grad_input", "nm_sddmm", "explain", "registered_kernels", "set_cpu_isa"]
+           "nm_linear_grad_input", "nm_sddmm", "masked_linear", "masked_linear_grad_input",
+           "masked_linear_grad_weight", "explain", "registered_kernels", "set_cpu_isa",
+           "set_cuda_backend"]
 
 NAMESPACE = "sparsekit"
 
@@ -32,6 +36,22 @@ SCHEMAS = {
     "nm_linear_grad_input": "nm_linear_grad_input(Tensor grad_out, Tensor values, Tensor metadata, "
                             "int k, int n, int m) -> Tensor",
     "nm_sddmm": "nm_sddmm(Tensor grad_out, Tensor x, Tensor metadata, int k, int n, int m) -> Tensor",
+    "masked_linear": "masked_linear(Tensor x, Tensor weight, Tensor mask, Tensor? bias, int n=0, "
+                     "int m=0) -> Tensor",
+    "masked_linear_grad_input": "masked_linear_grad_input(Tensor grad_out, Tensor weight, "
+                                "Tensor mask, int n=0, int m=0) -> Tensor",
+    "masked_linear_grad_weight": "masked_linear_grad_weight(Tensor grad_out, Tensor x, Tensor mask, "
+                                 "int n=0, int m=0) -> Tensor",
+}
+
+# Internal ops of a compiled build (no reference; csrc/sparsekit.cpp declares them too):
+# the 2:4 sparse tensor-core path. Used by the CUDA dispatch at the end of this module.
+INTERNAL_SCHEMAS = {
+    "sp24_pack": "sp24_pack(Tensor values, Tensor metadata, int k) -> (Tensor, Tensor)",
+    "sp24_linear": "sp24_linear(Tensor x, Tensor packed_values, Tensor packed_meta, Tensor? bias, "
+                   "int rows, int k) -> Tensor",
+    "sp24_emulate_linear": "sp24_emulate_linear(Tensor x, Tensor packed_values, Tensor packed_meta, "
+                           "Tensor? bias, int rows, int k, bool staged=False) -> Tensor",
 }
 
 _REFERENCE = {
@@ -41,7 +61,13 @@ _REFERENCE = {
     "nm_linear": reference.nm_linear,
     "nm_linear_grad_input": reference.nm_linear_grad_input,
     "nm_sddmm": reference.nm_sddmm,
+    "masked_linear": reference.masked_linear,
+    "masked_linear_grad_input": reference.masked_linear_grad_input,
+    "masked_linear_grad_weight": reference.masked_linear_grad_weight,
 }
+
+# Ops without a compiled CPU kernel: the reference runs them on the CPU, Triton on CUDA.
+REFERENCE_ON_CPU = ("masked_linear", "masked_linear_grad_input", "masked_linear_grad_weight")
 
 
 def _schema_exists(name: str) -> bool:
@@ -265,6 +291,11 @@ def registered_kernels() -> dict[str, list[str]]:
     }
 
 
+# (op, dispatch key) -> function(*args) -> str, for kernels registered from Python (Triton,
+# or a CUDA-side choice among kernels): what `explain` reports for such a call.
+_EXPLAINERS: dict = {}
+
+
 def explain(op: str, *args) -> str:
     """Says which implementation `torch.ops.sparsekit.<op>(*args)` would run, and why.
 
@@ -281,6 +312,8 @@ def explain(op: str, *args) -> str:
     head = f"{NAMESPACE}::{op} on {device.type} ({str(dtype).replace('torch.', '')})"
     if key == "Meta":
         return f"{head}: fake implementation (shapes only)"
+    if (op, key) in _EXPLAINERS:  # kernels registered from Python say themselves what runs
+        return f"{head}: {_EXPLAINERS[op, key](*args)}"
     if torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key):
         return f"{head}: compiled {key} kernel (sparsekit._C)"
     why = _ext.LOAD_ERROR or f"no {key} kernel is built"
@@ -293,3 +326,370 @@ def set_cpu_isa(isa: str) -> bool:
     if _ext.EXTENSION is None:
         return False
     return _ext.EXTENSION.set_cpu_isa(isa)
+
+
+# ---- masked products: Triton on CUDA ----------------------------------------------------
+# masked_linear* run the fused Triton kernels (sparsekit.kernels.masked_gemm) on CUDA when
+# triton imports and covers the dtype, else the reference. Fake impls and autograd (written
+# with these ops, so double backward works) follow the N:M ops above.
+
+_TRITON = None
+_TRITON_ERROR: str | None = None
+
+
+def _triton_kernels():
+    """The sparsekit.kernels module, or None (and _TRITON_ERROR says why) when triton
+    cannot be imported. Imported on first use, never at `import sparsekit`."""
+    global _TRITON, _TRITON_ERROR
+    if _TRITON is None and _TRITON_ERROR is None:
+        try:
+            from sparsekit import kernels
+
+            _TRITON = kernels
+        except Exception as exc:  # ImportError, or a triton that fails to initialise
+            _TRITON_ERROR = f"triton is not usable ({type(exc).__name__}: {exc})"
+    return _TRITON
+
+
+def _masked_triton_reason(*tensors) -> str | None:
+    """None when the Triton masked kernels cover a call on these tensors, else why not."""
+    kernels = _triton_kernels()
+    if kernels is None:
+        return _TRITON_ERROR
+    tensors = [t for t in tensors if t is not None]
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors})
+    if len(dtypes) != 1:
+        return f"mixed dtypes {dtypes}"
+    if not kernels.masked_gemm_supports(tensors[0]):
+        return f"no Triton kernel for {dtypes[0]} on {tensors[0].device.type}"
+    return None
+
+
+def _flat(t):
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
+def _masked_linear_cuda(x, weight, mask, bias=None, n=0, m=0):
+    if _masked_triton_reason(x, weight, bias) is None:
+        y = _triton_kernels().masked_gemm_forward(_flat(x), weight, mask, bias, n, m)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+    return reference.masked_linear(x, weight, mask, bias, n, m)
+
+
+def _masked_linear_grad_input_cuda(grad_out, weight, mask, n=0, m=0):
+    if _masked_triton_reason(grad_out, weight) is None:
+        gx = _triton_kernels().masked_gemm_grad_input(_flat(grad_out), weight, mask, n, m)
+        return gx.reshape(*grad_out.shape[:-1], weight.shape[1])
+    return reference.masked_linear_grad_input(grad_out, weight, mask, n, m)
+
+
+def _masked_linear_grad_weight_cuda(grad_out, x, mask, n=0, m=0):
+    if _masked_triton_reason(grad_out, x) is None:
+        return _triton_kernels().masked_gemm_grad_weight(_flat(grad_out), _flat(x), mask, n, m)
+    return reference.masked_linear_grad_weight(grad_out, x, mask, n, m)
+
+
+_lib.impl("masked_linear", _masked_linear_cuda, "CUDA")
+_lib.impl("masked_linear_grad_input", _masked_linear_grad_input_cuda, "CUDA")
+_lib.impl("masked_linear_grad_weight", _masked_linear_grad_weight_cuda, "CUDA")
+
+
+def _explain_masked(*tensor_positions):
+    def explain_call(*args):
+        why = _masked_triton_reason(*(args[i] for i in tensor_positions if i < len(args)))
+        if why is None:
+            return "Triton kernel (sparsekit.kernels.masked_gemm)"
+        return f"plain-torch reference (sparsekit.reference; {why})"
+    return explain_call
+
+
+_EXPLAINERS["masked_linear", "CUDA"] = _explain_masked(0, 1, 3)
+_EXPLAINERS["masked_linear_grad_input", "CUDA"] = _explain_masked(0, 1)
+_EXPLAINERS["masked_linear_grad_weight", "CUDA"] = _explain_masked(0, 1)
+
+
+def _check_last_dim(t, size, what):
+    torch._check(t.shape[-1] == size,
+                 lambda: f"{what} must have {size} in its last dim, got {tuple(t.shape)}")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::masked_linear")
+def _masked_linear_fake(x, weight, mask, bias=None, n=0, m=0):
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D, got {weight.dim()}-D")
+    _check_last_dim(x, weight.shape[1], "x")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::masked_linear_grad_input")
+def _masked_linear_grad_input_fake(grad_out, weight, mask, n=0, m=0):
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D, got {weight.dim()}-D")
+    _check_last_dim(grad_out, weight.shape[0], "grad_out")
+    return grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1]))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::masked_linear_grad_weight")
+def _masked_linear_grad_weight_fake(grad_out, x, mask, n=0, m=0):
+    torch._check(grad_out.shape[:-1] == x.shape[:-1],
+                 lambda: f"grad_out and x must share their batch dims, got {tuple(grad_out.shape)} "
+                         f"and {tuple(x.shape)}")
+    return grad_out.new_empty((grad_out.shape[-1], x.shape[-1]))
+
+
+def _masked_linear_setup(ctx, inputs, output):
+    x, weight, mask, bias, n, m = inputs
+    ctx.save_for_backward(x, weight, mask)
+    ctx.pattern = (n, m)
+    ctx.has_bias = bias is not None
+
+
+def _masked_linear_backward(ctx, grad_out):
+    # The weight's gradient is masked inside the op: pruned weights get exactly 0.
+    x, weight, mask = ctx.saved_tensors
+    n, m = ctx.pattern
+    grad_out = grad_out.contiguous()
+    grad_x = grad_w = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.sparsekit.masked_linear_grad_input(grad_out, weight, mask, n, m)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.ops.sparsekit.masked_linear_grad_weight(grad_out, x, mask, n, m)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad_out.reshape(-1, weight.shape[0]).sum(0)
+    return grad_x, grad_w, None, grad_bias, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::masked_linear", _masked_linear_backward,
+                                setup_context=_masked_linear_setup)
+
+
+def _masked_linear_grad_input_setup(ctx, inputs, output):
+    grad_out, weight, mask, n, m = inputs
+    ctx.save_for_backward(grad_out, weight, mask)
+    ctx.pattern = (n, m)
+
+
+def _masked_linear_grad_input_backward(ctx, g):
+    # out = grad_out @ (W*M): d/dgrad_out = g @ (W*M)^T, d/dW = (grad_out^T @ g) * M.
+    grad_out, weight, mask = ctx.saved_tensors
+    n, m = ctx.pattern
+    d_gy = d_w = None
+    if ctx.needs_input_grad[0]:
+        d_gy = torch.ops.sparsekit.masked_linear(g, weight, mask, None, n, m)
+    if ctx.needs_input_grad[1]:
+        d_w = torch.ops.sparsekit.masked_linear_grad_weight(grad_out, g, mask, n, m)
+    return d_gy, d_w, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::masked_linear_grad_input",
+                                _masked_linear_grad_input_backward,
+                                setup_context=_masked_linear_grad_input_setup)
+
+
+def _masked_linear_grad_weight_setup(ctx, inputs, output):
+    grad_out, x, mask, n, m = inputs
+    ctx.save_for_backward(grad_out, x, mask)
+    ctx.pattern = (n, m)
+
+
+def _masked_linear_grad_weight_backward(ctx, g):
+    # out = (grad_out^T @ x) * M, with G = g * M: d/dgrad_out = x @ G^T, d/dx = grad_out @ G.
+    grad_out, x, mask = ctx.saved_tensors
+    n, m = ctx.pattern
+    d_gy = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_gy = torch.ops.sparsekit.masked_linear(x, g, mask, None, n, m)
+    if ctx.needs_input_grad[1]:
+        d_x = torch.ops.sparsekit.masked_linear_grad_input(grad_out, g, mask, n, m)
+    return d_gy, d_x, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::masked_linear_grad_weight",
+                                _masked_linear_grad_weight_backward,
+                                setup_context=_masked_linear_grad_weight_setup)
+
+
+def masked_linear(x, weight, mask, bias=None, n: int = 0, m: int = 0) -> torch.Tensor:
+    """y = x @ (weight * mask)^T (+ bias), the mask packed as bits (n = m = 0; see
+    sparsekit.reference.pack_mask_bits) or given as N:M metadata. Differentiable in x,
+    weight (0 wherever the mask prunes) and bias; fused Triton kernels on CUDA."""
+    return torch.ops.sparsekit.masked_linear(x, weight, mask, bias, n, m)
+
+
+def masked_linear_grad_input(grad_out, weight, mask, n: int = 0, m: int = 0) -> torch.Tensor:
+    """grad_x = grad_out @ (weight * mask)."""
+    return torch.ops.sparsekit.masked_linear_grad_input(grad_out, weight, mask, n, m)
+
+
+def masked_linear_grad_weight(grad_out, x, mask, n: int = 0, m: int = 0) -> torch.Tensor:
+    """grad_W = (grad_out^T @ x) * mask, exactly 0 at every pruned entry."""
+    return torch.ops.sparsekit.masked_linear_grad_weight(grad_out, x, mask, n, m)
+
+
+# ---- CUDA dispatch: sparse tensor cores, Triton, reference ------------------------------
+# nm_linear, nm_linear_grad_input and nm_sddmm have one CUDA implementation each, here. It
+# picks, per call:
+#   "sp24"      the CUDA extension's mma.sp kernels (csrc/cuda/sp24_linear.cu): forward
+#               only, 2:4, fp16/bf16, sm_80+; the packed layout is cached per weight;
+#   "triton"    sparsekit.kernels.nm_gemm (any pattern it supports, any GPU Triton runs on);
+#   "reference" plain torch, when neither covers the call.
+# set_cuda_backend() (or SPARSEKIT_CUDA_BACKEND) restricts the choice, for benchmarks.
+
+_CUDA_BACKENDS = ("auto", "sp24", "triton", "reference")
+_cuda_backend = "auto"
+
+
+def set_cuda_backend(name: str) -> str:
+    """Restricts the CUDA N:M product ops to one backend: "sp24" (sparse tensor cores),
+    "triton", "reference", or "auto" (the default: the fastest that covers a call). A
+    backend that does not cover a call still falls back, so results never change, only
+    speed. Returns the previous setting."""
+    global _cuda_backend
+    if name not in _CUDA_BACKENDS:
+        raise ValueError(f"name must be one of {_CUDA_BACKENDS}, got {name!r}")
+    previous, _cuda_backend = _cuda_backend, name
+    return previous
+
+
+def _sp24_reason(x, values, n, m) -> str | None:
+    """None when the sparse tensor-core kernel covers this forward call, else why not."""
+    try:
+        built = torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::sp24_linear", "CUDA")
+    except RuntimeError:  # the extension is not loaded: the op does not exist
+        built = False
+    if not built:
+        return _ext.LOAD_ERROR or "the CUDA extension is not built"
+    if (n, m) != (2, 4):
+        return f"sparse tensor cores take 2:4 only, not {n}:{m}"
+    if x.dtype not in (torch.float16, torch.bfloat16) or values.dtype != x.dtype:
+        return f"sparse tensor cores take float16/bfloat16 x and values, not {x.dtype}/{values.dtype}"
+    major, minor = torch.cuda.get_device_capability(x.device)
+    if major < 8:
+        return f"sparse tensor cores need sm_80 or newer, this GPU is sm_{major}{minor}"
+    return None
+
+
+def _triton_nm_reason(x, values, n, m) -> str | None:
+    kernels = _triton_kernels()
+    if kernels is None:
+        return _TRITON_ERROR
+    if values.dtype != x.dtype:
+        return f"mixed dtypes {x.dtype} and {values.dtype}"
+    if not kernels.supports(x, n, m):
+        return f"no Triton kernel for {n}:{m} in {str(x.dtype).replace('torch.', '')}"
+    return None
+
+
+# Decisions depend only on the device, the dtypes, the pattern and the backend setting:
+# made once per combination, so a decode step pays a dictionary lookup, not the checks.
+_CHOICES: dict = {}
+
+
+def _nm_choice(forward: bool, x, values, n, m) -> tuple[str, str]:
+    """(backend, why) for one CUDA call."""
+    key = (forward, x.device, x.dtype, values.dtype, n, m, _cuda_backend)
+    choice = _CHOICES.get(key)
+    if choice is None:
+        choice = _CHOICES[key] = _decide(forward, x, values, n, m)
+    return choice
+
+
+def _decide(forward: bool, x, values, n, m) -> tuple[str, str]:
+    reasons = []
+    if forward and _cuda_backend in ("auto", "sp24"):
+        why = _sp24_reason(x, values, n, m)
+        if why is None:
+            return "sp24", "sparse tensor-core kernel (sparsekit._C, mma.sp)"
+        reasons.append(why)
+    if _cuda_backend in ("auto", "triton") or (_cuda_backend == "sp24" and not forward):
+        why = _triton_nm_reason(x, values, n, m)
+        if why is None:
+            return "triton", "Triton kernel (sparsekit.kernels.nm_gemm)"
+        reasons.append(why)
+    if _cuda_backend == "reference":
+        reasons.append("set_cuda_backend('reference')")
+    return "reference", f"plain-torch reference (sparsekit.reference; {'; '.join(reasons)})"
+
+
+# The packed mma.sp layout of a weight, derived once and reused until the weight changes
+# (an optimizer step bumps the values' version counter). Keyed by the values tensor's id
+# and checked by identity through a weak reference (tensors compare elementwise, so they
+# cannot be dictionary keys themselves); a dropped weight drops its packed copy.
+_SP24_CACHE: dict = {}
+
+
+def _sp24_forget(key, ref):
+    entry = _SP24_CACHE.get(key)
+    if entry is not None and entry[0] is ref:
+        del _SP24_CACHE[key]
+
+
+def _sp24_cached(values):
+    """The cached (packed_values, packed_meta) of this values tensor, or None."""
+    entry = _SP24_CACHE.get(id(values))
+    return entry[2] if entry is not None and entry[0]() is values else None
+
+
+def _sp24_packed(values, metadata, k):
+    try:
+        stamp = (values.data_ptr(), values._version, metadata.data_ptr(), metadata._version, k)
+    except RuntimeError:  # inference tensors carry no version counter: do not cache
+        return torch.ops.sparsekit.sp24_pack(values, metadata, k)
+    key = id(values)
+    entry = _SP24_CACHE.get(key)
+    if entry is not None and entry[0]() is values and entry[1] == stamp:
+        return entry[2]
+    packed = torch.ops.sparsekit.sp24_pack(values, metadata, k)
+    ref = weakref.ref(values, lambda r, key=key: _sp24_forget(key, r))
+    _SP24_CACHE[key] = (ref, stamp, packed)
+    return packed
+
+
+def _sp24_linear(x2d, packed_values, packed_meta, bias, rows, k):
+    # One indirection, so tests without a GPU can put the CPU emulation of the kernel here
+    # and exercise the dispatch around it.
+    return torch.ops.sparsekit.sp24_linear(x2d, packed_values, packed_meta, bias, rows, k)
+
+
+def _nm_linear_cuda(x, values, metadata, bias, k, n, m):
+    backend, _ = _nm_choice(True, x, values, n, m)
+    if backend == "reference":
+        return reference.nm_linear(x, values, metadata, bias, k, n, m)
+    if x.shape[-1] != k:
+        raise ValueError(f"x must have k = {k} in its last dim, got {tuple(x.shape)}")
+    rows = values.shape[0]
+    if backend == "sp24":
+        packed_values, packed_meta = _sp24_packed(values, metadata, k)
+        y = _sp24_linear(_flat(x), packed_values, packed_meta, bias, rows, k)
+    else:
+        y = _triton_kernels().nm_gemm_forward(_flat(x).contiguous(), values.contiguous(),
+                                              metadata.contiguous(), bias, k, n, m)
+    return y.reshape(*x.shape[:-1], rows)
+
+
+def _nm_linear_grad_input_cuda(grad_out, values, metadata, k, n, m):
+    backend, _ = _nm_choice(False, grad_out, values, n, m)
+    if backend == "reference":
+        return reference.nm_linear_grad_input(grad_out, values, metadata, k, n, m)
+    gx = _triton_kernels().nm_gemm_grad_input(_flat(grad_out).contiguous(), values.contiguous(),
+                                              metadata.contiguous(), k, n, m)
+    return gx.reshape(*grad_out.shape[:-1], k)
+
+
+def _nm_sddmm_cuda(grad_out, x, metadata, k, n, m):
+    backend, _ = _nm_choice(False, grad_out, x, n, m)
+    if backend == "reference":
+        return reference.nm_sddmm(grad_out, x, metadata, k, n, m)
+    return _triton_kernels().nm_gemm_grad_values(_flat(grad_out).contiguous(),
+                                                 _flat(x).contiguous(), metadata.contiguous(),
+                                                 k, n, m)
+
+
+_lib.impl("nm_linear", _nm_linear_cuda, "CUDA")
+_lib.impl("nm_linear_grad_input", _nm_linear_grad_input_cuda, "CUDA")
+_lib.impl("nm_sddmm", _nm_sddmm_cuda, "CUDA")
+
+_EXPLAINERS["nm_linear", "CUDA"] = lambda x, values, *rest: _nm_choice(
+    True, x, values, rest[-2], rest[-1])[1]
+_EXPLAINERS["nm_linear_grad_input", "CUDA"] = lambda gy, values, *rest: _nm_choice(
+    False, gy, values, rest[-2], rest[-1])[1]
+_EXPLAINERS["nm_sddmm", "CUDA"] = lambda gy, x, *rest: _nm_choice(
+    False, gy, x, rest[-2], rest[-1])[1]

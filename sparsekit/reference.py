@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 __all__ = ["index_bits", "nm_mask", "nm_compress", "nm_decompress", "pack_bits", "unpack_bits",
-           "kept_columns", "nm_linear", "nm_linear_grad_input", "nm_sddmm"]
+           "kept_columns", "nm_linear", "nm_linear_grad_input", "nm_sddmm", "pack_mask_bits",
+           "unpack_mask_bits", "dense_mask", "masked_linear", "masked_linear_grad_input",
+           "masked_linear_grad_weight"]
 
 
 def index_bits(m: int) -> int:
@@ -153,3 +155,67 @@ def nm_sddmm(grad_out, x, metadata, k: int, n: int, m: int) -> torch.Tensor:
     if k == 0:
         return dense.new_zeros(cols.shape)
     return torch.gather(dense, 1, cols) * inside
+
+
+# -- masked products (a dense weight and a mask: sparsekit.prune's masks while training) --
+
+def pack_mask_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool mask [rows, k] -> uint8 [rows, ceil(k/8)]: column c at bit c % 8 of byte c // 8
+    (pack_bits with 1-bit fields, computed in uint8 so a large mask needs no int64 copy)."""
+    rows, k = mask.shape
+    padded = _pad_last(mask.to(torch.uint8), 8, 0).view(rows, -(-k // 8), 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (padded * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of pack_mask_bits: uint8 [rows, ceil(k/8)] -> bool [rows, k]."""
+    return unpack_bits(bits, 1, k).bool()
+
+
+def dense_mask(mask: torch.Tensor, rows: int, k: int, n: int = 0, m: int = 0) -> torch.Tensor:
+    """The bool [rows, k] mask that `mask` encodes: packed bits when n = m = 0, else the kept
+    positions of canonical N:M metadata. Raises ValueError naming `mask` on a wrong shape."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.uint8:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError("mask must be a uint8 tensor (packed bits, or N:M metadata when n, m "
+                        f"are given), got {got}")
+    if n == 0 and m == 0:
+        want = (rows, -(-k // 8))
+        if tuple(mask.shape) != want:
+            raise ValueError(f"mask must be packed bits of shape {want} for a [{rows}, {k}] "
+                             f"weight, got {tuple(mask.shape)}")
+        return unpack_mask_bits(mask, k)
+    if not 0 < n < m <= 32:
+        raise ValueError(f"n, m must be 0, 0 (packed bits) or an N:M pattern with "
+                         f"0 < n < m <= 32, got {n}, {m}")
+    want = (rows, (-(-k // m) * n * index_bits(m) + 7) // 8)
+    if tuple(mask.shape) != want:
+        raise ValueError(f"mask must be N:M metadata of shape {want} for a [{rows}, {k}] weight "
+                         f"and {n}:{m}, got {tuple(mask.shape)}")
+    cols, inside = kept_columns(mask, k, n, m)
+    dense = torch.zeros(rows, max(k, 1), dtype=torch.bool, device=mask.device)
+    dense.scatter_(1, cols, inside)
+    # Slots past k were clamped onto column k-1: put back what the slots inside k say.
+    dense[:, -1:] = (inside & (cols == max(k - 1, 0))).any(1, keepdim=True)
+    return dense[:, :k]
+
+
+def masked_linear(x, weight, mask, bias, n: int = 0, m: int = 0) -> torch.Tensor:
+    """y = x @ (weight * mask)^T (+ bias); pruned entries select 0 (as the kernels do)."""
+    keep = dense_mask(mask, weight.shape[0], weight.shape[1], n, m)
+    return torch.nn.functional.linear(x, torch.where(keep, weight, 0), bias)
+
+
+def masked_linear_grad_input(grad_out, weight, mask, n: int = 0, m: int = 0) -> torch.Tensor:
+    """grad_x = grad_out @ (weight * mask): [..., rows] -> [..., k]."""
+    keep = dense_mask(mask, weight.shape[0], weight.shape[1], n, m)
+    return torch.matmul(grad_out, torch.where(keep, weight, 0))
+
+
+def masked_linear_grad_weight(grad_out, x, mask, n: int = 0, m: int = 0) -> torch.Tensor:
+    """grad_W = (grad_out^T @ x) * mask: [rows, k], exactly 0 at every pruned entry."""
+    rows, k = grad_out.shape[-1], x.shape[-1]
+    keep = dense_mask(mask, rows, k, n, m)
+    dense = grad_out.reshape(-1, rows).t() @ x.reshape(-1, k)
+    return torch.where(keep, dense, 0)

@@ -1,6 +1,8 @@
 """Random N:M matrices for the format tests: nonzero values (never all zeros), groups
 holding n, fewer, or no nonzeros, and -0.0 at some pruned positions."""
 
+import os
+
 import torch
 
 from sparsekit import reference
@@ -18,3 +20,10 @@ def random_nm(rows, k, n, m, dtype=torch.float32, device="cpu", generator=None):
     keep &= torch.rand(rows, k, generator=generator) < 0.8
     # Pruned entries: +0.0, or -0.0 (what w * mask gives for negative w).
     return torch.where(keep, w, w * 0).to(device)
+
+
+def triton_device() -> str:
+    """Where the Triton kernels run in the tests: compiled on a visible GPU, else on the CPU
+    under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU)."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return "cuda" if torch.cuda.is_available() and not interpreted else "cpu"
