@@ -21,10 +21,66 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _package_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def machine_info() -> dict:
-    return {
+    """The set-up a figure was measured on. With a visible GPU also its name, the CUDA
+    version torch was built with and the triton version (read from package metadata, so a
+    CPU benchmark never imports triton)."""
+    info = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": cpu_model(),
         "machine": platform.machine(),
     }
+    if torch.cuda.is_available():
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                    triton=_package_version("triton"))
+    return info
+
+
+def cuda_paired_seconds(fn_a, fn_b, repeats: int, flush_bytes: int = 256 << 20):
+    """Median GPU times (CUDA events) of fn_a and fn_b, called alternately after one warm-up
+    each. Before every timed call a buffer larger than any L2 is overwritten, so weights
+    are read from memory as in a real model (a 4096x4096 fp16 weight would otherwise sit in
+    an H100's 50 MB L2). Only the call itself lies between its two events."""
+    flush = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda")
+    fn_a(), fn_b()
+    torch.cuda.synchronize()
+    times = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((fn_a, times[0]), (fn_b, times[1])):
+            flush.zero_()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3)
+    median = [sorted(t)[len(t) // 2] for t in times]
+    return median[0], median[1]
+
+
+def rel_err(got, want) -> float:
+    """||got - want|| / ||want|| in float64."""
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def semi_structured(dense):
+    """(torch's 2:4 semi-structured tensor of `dense`, None), or (None, why there is none)."""
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        return to_sparse_semi_structured(dense), None
+    except Exception as exc:  # unsupported shape / dtype / GPU / build
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]

@@ -47,6 +47,53 @@ def module_rows(data):
                    f"{info['sparse_weight_bytes'] / info['dense_weight_bytes']:.3f}")
 
 
+def triton_rows(data):
+    """GPU rows of bench/bench_triton.py: the Triton kernels against cuBLAS dense and torch's
+    semi-structured 2:4 on the same weights."""
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        kind = info.get("kind", "")
+        if kind not in ("triton_masked_fwd_bwd", "triton_nm_forward"):
+            continue
+        met = "met" if info["ratio"] >= info["target"] else "NOT met"
+        if kind == "triton_masked_fwd_bwd":
+            what = f"masked_gemm fwd+bwd {info['dtype']} {info['shape'][0]}x{info['shape'][1]}"
+            target = f"within {1 / info['target']:.2f}x: {met}"
+            semi = ""
+        else:
+            what = f"nm_gemm 2:4 {info['dtype']} {info['shape'][0]}x{info['shape'][1]}"
+            target = f"{info['target']:.1f}x: {met}"
+            semi = ("n/a" if info.get("ratio_vs_semi_structured") is None
+                    else f"{info['semi_structured_s'] * 1e6:.1f} us "
+                         f"({info['ratio_vs_semi_structured']:.2f}x)")
+        yield (what, str(info["batch"]), f"{info['dense_s'] * 1e6:.1f} us",
+               f"{info['sparse_s'] * 1e6:.1f} us", f"{info['ratio']:.2f}x (target {target})", semi)
+
+
+def cuda_rows(data):
+    """GPU rows of bench/bench_cuda.py: the sparse tensor-core kernel (and Triton) against
+    cuBLAS dense and torch's semi-structured 2:4 on the same weights, graph-timed."""
+    def us(seconds, name):
+        return f"{seconds[name] * 1e6:.1f} us" if name in seconds else "n/a"
+
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if info.get("kind") == "gpu_linear_forward":
+            sec = info["seconds"]
+            verdict = "met" if info["ratio_sp24"] >= info["target_vs_dense"] else "NOT met"
+            semi = "n/a" if info.get("sp24_vs_semi") is None else f"{info['sp24_vs_semi']:.2f}x"
+            yield (f"forward fp16 {info['shape'][0]}x{info['shape'][1]}", str(info["batch"]),
+                   us(sec, "dense"), us(sec, "sp24"), us(sec, "triton"),
+                   us(sec, "semi_structured"),
+                   f"{info['ratio_sp24']:.2f}x (target {info['target_vs_dense']}x: {verdict})",
+                   semi)
+        elif info.get("kind") == "gpu_train_step":
+            sec = info["seconds"]
+            yield (f"SparseLinear train step fp16 {info['shape'][0]}x{info['shape'][1]}",
+                   str(info["batch"]), us(sec, "dense"), us(sec, "sparse"), "", "",
+                   f"{info['ratio']:.2f}x", "")
+
+
 def plot_linear(data, path):
     try:
         import matplotlib
@@ -81,31 +128,49 @@ def plot_linear(data, path):
     return True
 
 
+def table(header, rows):
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def gpu_line(data, kind_prefix):
+    gpu = next(b["extra_info"] for b in data["benchmarks"]
+               if b.get("extra_info", {}).get("kind", "").startswith(kind_prefix))
+    print(f"\nGPU: {gpu.get('gpu', '?')}, torch {gpu.get('torch', '?')}, triton "
+          f"{gpu.get('triton', '?')}, CUDA {gpu.get('cuda', '?')}\n")
+
+
 def main(path):
     with open(path) as f:
         data = json.load(f)
     info = next((b["extra_info"] for b in data["benchmarks"] if "cpu" in b.get("extra_info", {})), {})
     print(f"Machine: {info.get('cpu', '?')}, {info.get('threads', '?')} threads, "
           f"torch {info.get('torch', '?')}\n")
-    print("| what | sparsekit | baseline (same run) | ratio |")
-    print("|---|---|---|---|")
-    for row in rows(data):
-        print("| " + " | ".join(row) + " |")
+    table(["what", "sparsekit", "baseline (same run)", "ratio"], rows(data))
     linear = list(linear_rows(data))
     if linear:
-        print("\n| N:M linear 2:4 | batch | dense F.linear | sparsekit | speed-up |")
-        print("|---|---|---|---|---|")
-        for row in linear:
-            print("| " + " | ".join(row) + " |")
+        print()
+        table(["N:M linear 2:4", "batch", "dense F.linear", "sparsekit", "speed-up"], linear)
         png = path.rsplit(".", 1)[0] + "_linear.png"
         if plot_linear(data, png):
             print(f"\nPlot: {png}")
+    triton = list(triton_rows(data))
+    if triton:
+        gpu_line(data, "triton")
+        table(["Triton kernel", "batch", "dense (cuBLAS)", "sparsekit", "speed-up",
+               "torch semi-structured (its time / ours)"], triton)
+    cuda = list(cuda_rows(data))
+    if cuda:
+        gpu_line(data, "gpu_")
+        table(["2:4 on the GPU", "batch", "dense (cuBLAS)", "sparsekit sp24", "sparsekit Triton",
+               "torch semi-structured", "sp24 vs dense", "sp24 vs semi-structured"], cuda)
     modules = list(module_rows(data))
     if modules:
-        print("\n| module (2:4, fp32) | dense | sparsified | speed-up | weight bytes vs dense |")
-        print("|---|---|---|---|---|")
-        for row in modules:
-            print("| " + " | ".join(row) + " |")
+        print()
+        table(["module (2:4, fp32)", "dense", "sparsified", "speed-up", "weight bytes vs dense"],
+              modules)
 
 
 if __name__ == "__main__":
