@@ -13,6 +13,7 @@ there (CPU in csrc/cpu, CUDA in csrc/cuda). This module adds, for every op:
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -578,6 +579,66 @@ def _triton_nm_reason(x, values, n, m) -> str | None:
     return None
 
 
+# The sparse tensor-core kernel checks itself once per GPU and dtype before the dispatcher
+# relies on it: a small 2:4 product through every kernel path (both small-batch variants,
+# the tiled kernel, split K, padded rows and K, bias) on integer inputs, whose result must
+# equal the float64 reference exactly. A GPU whose mma.sp reads the layout differently, or
+# one the extension was not built for, then costs speed (Triton runs), never correctness.
+_SP24_CHECKED: dict = {}  # (device, dtype) -> None (passed) or why it failed
+
+
+def _sp24_self_check(device, dtype) -> str | None:
+    """None when sp24_linear reproduces the reference on `device` in `dtype`, else why not
+    (and a RuntimeWarning, once). Runs kernels and synchronises: never inside graph capture."""
+    key = (torch.device(device), dtype)
+    if key in _SP24_CHECKED:
+        return _SP24_CHECKED[key]
+    gen = torch.Generator().manual_seed(0)
+    # 40 rows: 3 row tiles, the last partial. k = 1064: 34 K tiles (packed to 36), enough
+    # for split K in both kernels. k = 91: K padded on chip and x copied to aligned rows.
+    rows, failures = 40, []
+
+    def integers(*shape, low=-3):
+        return torch.randint(low, 4, shape, generator=gen).to(torch.float64)
+
+    for k, batches in ((1064, (3, 13, 150)), (91, (1, 40))):
+        sign = torch.where(torch.rand(rows, k, generator=gen) < 0.5, -1.0, 1.0)
+        dense = integers(rows, k, low=1) * sign  # no zeros: every kept value counts
+        dense = dense * reference.nm_mask(dense, 2, 4, absolute=True)
+        values64, metadata = reference.nm_compress(dense, 2, 4)
+        values = values64.to(device=device, dtype=dtype)
+        metadata = metadata.to(device)
+        bias = integers(rows).to(device=device, dtype=dtype)
+        try:
+            packed_values, packed_meta = torch.ops.sparsekit.sp24_pack(values, metadata, k)
+            for batch in batches:
+                x64 = integers(batch, k)
+                y = _sp24_linear(x64.to(device=device, dtype=dtype), packed_values, packed_meta,
+                                 bias, rows, k)
+                want = reference.nm_linear(x64, values64, metadata.cpu(),
+                                           bias.cpu().to(torch.float64), k, 2, 4).to(dtype)
+                if not torch.equal(y.cpu(), want):
+                    err = (y.cpu().double() - want.double()).abs().max().item()
+                    failures.append(f"k={k}, batch {batch}: max error {err:g} where the result "
+                                    "must be exact")
+        except Exception as exc:  # e.g. no kernel image for this GPU
+            failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+    why = None
+    if failures:
+        why = ("the sparse tensor-core kernel failed its self-check on this GPU ("
+               + "; ".join(failures[:3]) + ")")
+        warnings.warn(f"sparsekit: {why}; 2:4 products on {key[0]} in "
+                      f"{str(dtype).replace('torch.', '')} run the Triton kernels instead. "
+                      "Please report this with sparsekit.build_info().", RuntimeWarning,
+                      stacklevel=3)
+    _SP24_CHECKED[key] = why
+    return why
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 # Decisions depend only on the device, the dtypes, the pattern and the backend setting:
 # made once per combination, so a decode step pays a dictionary lookup, not the checks.
 _CHOICES: dict = {}
@@ -588,25 +649,39 @@ def _nm_choice(forward: bool, x, values, n, m) -> tuple[str, str]:
     key = (forward, x.device, x.dtype, values.dtype, n, m, _cuda_backend)
     choice = _CHOICES.get(key)
     if choice is None:
-        choice = _CHOICES[key] = _decide(forward, x, values, n, m)
+        backend, why, final = _decide(forward, x, values, n, m)
+        choice = (backend, why)
+        if final:
+            _CHOICES[key] = choice
     return choice
 
 
-def _decide(forward: bool, x, values, n, m) -> tuple[str, str]:
-    reasons = []
+def _decide(forward: bool, x, values, n, m) -> tuple[str, str, bool]:
+    """(backend, why, final): final is False when the choice may change on a later call
+    (the sparse tensor cores not yet checked, because this call is inside graph capture)."""
+    reasons, final = [], True
     if forward and _cuda_backend in ("auto", "sp24"):
         why = _sp24_reason(x, values, n, m)
         if why is None:
-            return "sp24", "sparse tensor-core kernel (sparsekit._C, mma.sp)"
+            if (x.device, x.dtype) not in _SP24_CHECKED and _capturing():
+                why = ("sparse tensor cores not yet checked on this GPU, and the first call "
+                       "is inside CUDA graph capture: call once outside capture first")
+                final = False
+            else:
+                why = _sp24_self_check(x.device, x.dtype)
+        if why is None:
+            return "sp24", "sparse tensor-core kernel (sparsekit._C, mma.sp)", True
         reasons.append(why)
     if _cuda_backend in ("auto", "triton") or (_cuda_backend == "sp24" and not forward):
         why = _triton_nm_reason(x, values, n, m)
         if why is None:
-            return "triton", "Triton kernel (sparsekit.kernels.nm_gemm)"
+            triton_why = "Triton kernel (sparsekit.kernels.nm_gemm)"
+            return "triton", "; ".join([triton_why, *reasons]) if reasons else triton_why, final
         reasons.append(why)
     if _cuda_backend == "reference":
         reasons.append("set_cuda_backend('reference')")
-    return "reference", f"plain-torch reference (sparsekit.reference; {'; '.join(reasons)})"
+    return ("reference", f"plain-torch reference (sparsekit.reference; {'; '.join(reasons)})",
+            final)
 
 
 # The packed mma.sp layout of a weight, derived once and reused until the weight changes
@@ -629,6 +704,11 @@ def _sp24_cached(values):
 
 
 def _sp24_packed(values, metadata, k):
+    if values.requires_grad and _capturing():
+        # Inside CUDA graph capture the packing is recorded as well, so every replay packs
+        # the weight as it is then: a trainable weight changes between replays, and a copy
+        # cached now would be read stale by the graph. Frozen weights use the cache.
+        return torch.ops.sparsekit.sp24_pack(values, metadata, k)
     try:
         stamp = (values.data_ptr(), values._version, metadata.data_ptr(), metadata._version, k)
     except RuntimeError:  # inference tensors carry no version counter: do not cache

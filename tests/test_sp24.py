@@ -341,6 +341,79 @@ def test_cuda_backend_choice_explains_itself(monkeypatch):
         ops.set_cuda_backend("cusparselt")
 
 
+def _emulated_kernel(x2d, pv, pm, bias, rows, k):
+    return torch.ops.sparsekit.sp24_emulate_linear(x2d, pv, pm, bias, rows, k).to(x2d.dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_self_check_passes_a_right_kernel(monkeypatch, dtype):
+    monkeypatch.setattr(ops, "_SP24_CHECKED", {})
+    monkeypatch.setattr(ops, "_sp24_linear", _emulated_kernel)
+    assert ops._sp24_self_check("cpu", dtype) is None
+    assert ops._SP24_CHECKED[torch.device("cpu"), dtype] is None
+
+
+@needs_ext
+@pytest.mark.parametrize("broken", ["metadata of another tile", "rows swapped", "raises"])
+def test_self_check_fails_a_wrong_kernel_and_the_dispatcher_avoids_it(monkeypatch, broken):
+    # A kernel that reads the layout slightly wrong (as a GPU would if its mma.sp took the
+    # metadata from other lanes than the layout assumes) must be caught, said, and avoided.
+    def wrong(x2d, pv, pm, bias, rows, k):
+        if broken == "raises":
+            raise RuntimeError("CUDA error: no kernel image is available for execution\nmore")
+        if broken == "metadata of another tile":
+            pm = pm.clone()
+            pm[::64] = pm[1::64]  # lane 0 reads tile 1's (valid) word for tile 0
+        y = _emulated_kernel(x2d, pv, pm, bias, rows, k)
+        return y[:, torch.arange(rows) ^ 1] if broken == "rows swapped" else y
+
+    monkeypatch.setattr(ops, "_SP24_CHECKED", {})
+    monkeypatch.setattr(ops, "_CHOICES", {})
+    monkeypatch.setattr(ops, "_sp24_linear", wrong)
+    monkeypatch.setattr(ops, "_sp24_reason", lambda *a: None)  # as if on a capable GPU
+    x, values = torch.randn(2, 8).half(), torch.randn(4, 4).half()
+    with pytest.warns(RuntimeWarning, match="failed its self-check"):
+        backend, why = ops._nm_choice(True, x, values, 2, 4)
+    assert backend != "sp24"
+    assert "failed its self-check" in why
+    assert ("no kernel image" in why) if broken == "raises" else ("must be exact" in why)
+    assert ops._nm_choice(True, x, values, 2, 4) == (backend, why)  # decided once
+
+
+@needs_ext
+def test_first_call_inside_graph_capture_does_not_decide_for_good(monkeypatch):
+    # The self-check synchronises, which graph capture forbids: a first call inside capture
+    # takes another backend for now and leaves the decision to a later call.
+    monkeypatch.setattr(ops, "_SP24_CHECKED", {})
+    monkeypatch.setattr(ops, "_CHOICES", {})
+    monkeypatch.setattr(ops, "_sp24_linear", _emulated_kernel)
+    monkeypatch.setattr(ops, "_sp24_reason", lambda *a: None)
+    x, values = torch.randn(2, 8).half(), torch.randn(4, 4).half()
+    monkeypatch.setattr(ops, "_capturing", lambda: True)
+    backend, why = ops._nm_choice(True, x, values, 2, 4)
+    assert backend != "sp24" and "graph capture" in why
+    assert not ops._CHOICES and not ops._SP24_CHECKED
+    monkeypatch.setattr(ops, "_capturing", lambda: False)
+    assert ops._nm_choice(True, x, values, 2, 4)[0] == "sp24"
+    monkeypatch.setattr(ops, "_capturing", lambda: True)  # checked now: capture may use it
+    assert ops._nm_choice(True, x, values, 2, 4)[0] == "sp24"
+
+
+@needs_ext
+def test_trainable_weights_are_packed_inside_graph_capture(monkeypatch):
+    # Under capture a cached packed copy would be baked into the graph and go stale after an
+    # optimizer step; trainable weights are packed in the graph, frozen ones use the cache.
+    monkeypatch.setattr(ops, "_capturing", lambda: True)
+    t = sk.compress(integer_nm(16, 32, torch.float16), 2, 4)
+    trainable = t.values.clone().requires_grad_(True)
+    packed_now = ops._sp24_packed(trainable, t.metadata, 32)
+    assert ops._sp24_cached(trainable) is None
+    assert torch.equal(packed_now[0], torch.ops.sparsekit.sp24_pack(t.values, t.metadata, 32)[0])
+    frozen = t.values.clone()
+    assert ops._sp24_packed(frozen, t.metadata, 32) is ops._sp24_cached(frozen)
+
+
 @needs_ext
 def test_packing_cache_drops_dead_weights():
     w = integer_nm(16, 32, torch.float16)
