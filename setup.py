@@ -5,7 +5,8 @@ is found (or FORCE_CUDA=1); whether a GPU is present never decides it. Environme
   FORCE_CUDA=1            build CUDA kernels even if nvcc is not found on PATH
   SPARSEKIT_NO_CUDA=1     build the C++ kernels only
   CUDA_HOME               the CUDA toolkit root (otherwise found from nvcc)
-  TORCH_CUDA_ARCH_LIST    defaults to "8.0;9.0" when no GPU is visible
+  TORCH_CUDA_ARCH_LIST    defaults to "8.0;9.0+PTX" when no GPU is visible (machine code for
+                          sm_80 and sm_90, and sm_90 PTX that newer GPUs' drivers compile)
   MAX_JOBS                parallel compile jobs (defaults to a number cores and memory allow)
 """
 
@@ -68,11 +69,12 @@ def _configure_cuda():
             sys.exit("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
         return False, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        # No GPU: the architectures the kernels are written for. With GPUs: theirs (what
-        # torch would pick), written down so build_info reports what was really built.
+        # No GPU: the architectures the kernels are written for, plus PTX that newer GPUs
+        # compile at load time. With GPUs: theirs (what torch would pick), written down so
+        # build_info reports what was really built.
         visible = sorted({"%d.%d" % torch.cuda.get_device_capability(i)
                           for i in range(torch.cuda.device_count())})
-        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(visible) or "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(visible) or "8.0;9.0+PTX"
     return True, f"CUDA_HOME={home}, arch {os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')}"
 
 

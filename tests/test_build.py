@@ -53,6 +53,22 @@ def test_cubins_for_every_target_arch(cuobjdump):
         assert f"sm_{arch}.cubin" in listing, f"no sm_{arch} code in the extension:\n{listing}"
 
 
+def test_ptx_embedded_where_the_arch_list_asks_for_it(cuobjdump):
+    # "9.0+PTX": sm_90 PTX of every CUDA source, which a newer GPU's driver compiles at load.
+    arch_list = sk.build_info().get("cuda_arch_list") or ""
+    wanted = [a.split("+")[0].replace(".", "") for a in arch_list.split(";") if a.endswith("+PTX")]
+    if not wanted:
+        pytest.skip(f"the arch list {arch_list!r} asks for no PTX")
+    listing = subprocess.run([cuobjdump, "--list-ptx", _extension_path()], capture_output=True,
+                             text=True, check=True).stdout
+    sources = sorted(os.path.basename(f)[:-3] for f in glob.glob(
+        os.path.join(os.path.dirname(os.path.dirname(sk.__file__)), "csrc", "cuda", "*.cu")))
+    assert sources, "csrc/cuda not found next to the package"
+    for arch in wanted:
+        for source in sources:
+            assert f"{source}.sm_{arch}.ptx" in listing, f"no sm_{arch} PTX of {source}:\n{listing}"
+
+
 def test_format_kernels_compiled_for_every_arch(cuobjdump):
     for arch in _arches():
         sass = subprocess.run([cuobjdump, "-sass", "-arch", f"sm_{arch}", _extension_path()],
