@@ -191,6 +191,14 @@ def test_sp24_linear_matches_reference_on_gpu(rows, k, batch, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_self_check_passes_on_this_gpu(monkeypatch, dtype):
+    # The dispatcher's own check: where it fails, 2:4 layers run Triton instead (with a warning).
+    monkeypatch.setattr(ops, "_SP24_CHECKED", {})
+    assert ops._sp24_self_check(torch.device("cuda", torch.cuda.current_device()), dtype) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_sp24_linear_large_batch_without_split_k(dtype):
     # Enough output tiles (16 x 17) that the large-batch kernel runs without splitting K.
     gen = torch.Generator().manual_seed(5)
