@@ -635,8 +635,14 @@ def _sp24_self_check(device, dtype) -> str | None:
     return why
 
 
+_CUDA_AVAILABLE: list = []  # torch.cuda.is_available(), asked once: this runs per call
+
+
 def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    """Whether the current CUDA stream is capturing a graph."""
+    if not _CUDA_AVAILABLE:
+        _CUDA_AVAILABLE.append(torch.cuda.is_available())
+    return _CUDA_AVAILABLE[0] and torch.cuda.is_current_stream_capturing()
 
 
 # Decisions depend only on the device, the dtypes, the pattern and the backend setting:
