@@ -43,7 +43,8 @@ def test_schemas_declared_once_match_python_fallback():
 
 
 def test_cpp_schemas_are_the_ones_in_sparsekit_cpp():
-    source = open(os.path.join(ROOT, "csrc", "sparsekit.cpp")).read()
+    with open(os.path.join(ROOT, "csrc", "sparsekit.cpp")) as f:
+        source = f.read()
     # A schema may be split over adjacent string literals: join them first.
     declared = ["".join(re.findall(r'"([^"]*)"', call))
                 for call in re.findall(r"lib\.def\(((?:\s*\"[^\"]*\")+)\s*\)", source)]
