@@ -6,7 +6,7 @@
 //   - small batch (1..16 rows of x): bandwidth-bound. A block owns one 16-row tile of W;
 //     its warps split K in runs of 4 tiles (one 16-byte load per lane per tile of values,
 //     one 16-byte metadata vector per 4 tiles), accumulate in registers, and reduce
-//     through shared memory. When the row tiles alone cannot fill the GPU, K is also split
+//     through shared memory. When the row tiles leave multiprocessors idle, K is also split
 //     across blocks (fp32 partial sums, then a finishing pass).
 //   - large batch: a 128 x 128 output tile per block, 8 warps of 64 x 32, K in stages of
 //     64 staged through shared memory with cp.async (4-stage pipeline); x fragments come
@@ -400,13 +400,14 @@ int device_attribute(cudaDeviceAttr attr, int device) {
   return value;
 }
 
-// How to split `work` units of K over blocks when `blocks` output tiles are too few to give
-// every multiprocessor two blocks; each split keeps at least `min_per_split` units.
+// How to split `work` units of K over blocks when `blocks` output tiles are fewer than
+// `target` blocks; each split keeps at least `min_per_split` units. Splitting costs a
+// zero-fill, fp32 atomics and a finishing kernel, so it is only for grids too small.
 struct KSplit { int64_t splits, per_split; };
-KSplit split_k(int64_t blocks, int64_t work, int64_t min_per_split, int sms) {
+KSplit split_k(int64_t blocks, int64_t work, int64_t min_per_split, int64_t target) {
   int64_t splits = 1;
-  if (blocks < 2 * sms && work > 0) {
-    splits = std::min<int64_t>((2 * sms + blocks - 1) / blocks,
+  if (blocks < target && work > 0) {
+    splits = std::min<int64_t>((target + blocks - 1) / blocks,
                                (work + min_per_split - 1) / min_per_split);
     splits = std::max<int64_t>(splits, 1);
   }
@@ -433,7 +434,10 @@ void launch(const at::Tensor& x, int64_t kx, const at::Tensor& pv, const at::Ten
   };
   if (batch <= kSmallMaxBatch) {
     // A block per row tile; K split across warps (8 runs of 4 tiles at a time) and, when
-    // the row tiles cannot fill the GPU twice over, across blocks too.
+    // some multiprocessors would get no block, across blocks too. One block per SM is
+    // enough to stream: its 8 warps keep two runs each (about 37 KB) of loads in flight,
+    // more than an SM's share of HBM bandwidth times its latency (about 20 KB on an H100),
+    // so a 4096-row weight (256 blocks) runs as one kernel, without the partial sums.
     const KSplit split = split_k(L.row_tiles, L.meta_quads, kSmallWarps, sms);
     if (split.splits > 1) {
       partial = at::zeros({batch, L.rows}, x.options().dtype(at::kFloat));
@@ -466,7 +470,7 @@ void launch(const at::Tensor& x, int64_t kx, const at::Tensor& pv, const at::Ten
   const int64_t steps = ((kx + sp24::kK - 1) / sp24::kK + tiled::kTiles - 1) / tiled::kTiles;
   // At moderate batch the output tiles are few (32 for 4096 rows): split K across blocks
   // until the GPU holds two blocks per multiprocessor, keeping >= 4 steps per block.
-  const KSplit split = split_k(row_blocks * batch_blocks, steps, 4, sms);
+  const KSplit split = split_k(row_blocks * batch_blocks, steps, 4, 2 * sms);
   if (split.splits > 1) {
     partial = at::zeros({batch, L.rows}, x.options().dtype(at::kFloat));
     partial_ptr = partial.data_ptr<float>();
