@@ -39,6 +39,14 @@ for stage in "${STAGES[@]}"; do
         tests/test_triton_masked_gemm.py -q -m cuda -x -p no:cacheprovider > "$OUT/sp24.log" 2>&1
       rc=$?; echo "sp24 rc=$rc"; [ $rc -ne 0 ] && status=1
       tail -3 "$OUT/sp24.log"; grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/sp24.log" | head -20
+      # What a 2:4 layer runs here (the dispatcher's self-check decides between sp24 and Triton).
+      $PY -P -c "
+import torch, sparsekit as sk
+for dt in (torch.float16, torch.bfloat16):
+    layer = sk.SparseLinear.from_dense(torch.nn.Linear(256, 96), '2:4').to('cuda', dt)
+    x = torch.randn(3, 256, device='cuda', dtype=dt)
+    print(sk.explain('nm_linear', x, layer.values, layer.metadata, None, 256, 2, 4))
+"
       ;;
     tests)
       log "tests (all of them)"
