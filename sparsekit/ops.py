@@ -13,6 +13,7 @@ there (CPU in csrc/cpu, CUDA in csrc/cuda). This module adds, for every op:
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 
@@ -635,14 +636,14 @@ def _sp24_self_check(device, dtype) -> str | None:
     return why
 
 
-_CUDA_AVAILABLE: list = []  # torch.cuda.is_available(), asked once: this runs per call
+@functools.lru_cache(maxsize=None)
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()  # asked once: _capturing runs on every call
 
 
 def _capturing() -> bool:
     """Whether the current CUDA stream is capturing a graph."""
-    if not _CUDA_AVAILABLE:
-        _CUDA_AVAILABLE.append(torch.cuda.is_available())
-    return _CUDA_AVAILABLE[0] and torch.cuda.is_current_stream_capturing()
+    return _cuda_available() and torch.cuda.is_current_stream_capturing()
 
 
 # Decisions depend only on the device, the dtypes, the pattern and the backend setting:
