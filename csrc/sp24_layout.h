@@ -14,6 +14,11 @@
 //     half h (logical columns 16h .. 16h + 15): bits 0..15 for row g, bits 16..31 for row
 //     g + 8; inside each 16 bits, 4-column chunk c at bits 4c .. 4c + 3, low 2 bits the
 //     index of the first kept entry. That is exactly two bytes of the canonical metadata.
+//     (The PTX ISA gives this layout only as a figure. It is also what CUTLASS's
+//     reorder_meta for 16-bit types, in tools/util/host_reorder.h, stores at interleaved row
+//     4g + h: rows g, g + 8, g + 16, g + 24 go to rows 4g .. 4g + 3, the 2x2 swap puts K half
+//     h of rows g and g + 8 into the word of row 4g + h, and the warp loads word l into lane
+//     l; rows g + 16 and g + 24 are the next tile's, read with selector 1.)
 //   B (4 x .b32, 8 halves): element j of lane is x[batch g][k = 2t + 8 * (j >> 1) + (j & 1)].
 //   D (4 x .f32): element i of lane is y[batch 2t + (i & 1)][row g + 8 * (i >> 1)].
 //
