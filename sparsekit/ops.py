@@ -247,9 +247,26 @@ torch.library.register_autograd(f"{NAMESPACE}::nm_compress", _nm_compress_backwa
                                 setup_context=_nm_compress_setup)
 
 
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_linear_inputs(device_type: str, *tensors):
+    """The tensors as F.linear computes with them under autocast on `device_type`: each
+    float32/float16/bfloat16 tensor cast to the autocast dtype (casts are differentiable,
+    so gradients reach fp32 parameters in fp32); all unchanged when autocast is off."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t
+                 for t in tensors)
+
+
 def nm_linear(x, values, metadata, bias, k: int, n: int, m: int) -> torch.Tensor:
     """y = x @ W^T (+ bias) with W = (values, metadata) N:M compressed, [rows, k].
-    Differentiable in x, values and bias."""
+    Differentiable in x, values and bias. Under torch.autocast it computes in the autocast
+    dtype, as nn.Linear does (fp32 values are then cast and repacked on every call: for
+    inference speed, convert the model with .half() or .bfloat16() instead)."""
+    x, values, bias = autocast_linear_inputs(x.device.type, x, values, bias)
     return torch.ops.sparsekit.nm_linear(x, values, metadata, bias, k, n, m)
 
 

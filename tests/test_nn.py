@@ -85,6 +85,40 @@ def test_gradients_equal_masked_dense_layer():
     assert rel_err(dense_grad, w.grad * keep) < 1e-5
 
 
+def test_autocast_computes_in_the_autocast_dtype_like_nn_linear():
+    # CPU autocast (bf16) stands in for CUDA's: the cast happens before the op either way.
+    lin = nn.Linear(40, 12)
+    layer = sk.SparseLinear.from_dense(lin)
+    w, keep = masked_linear(lin)
+    x = torch.randn(5, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y_dense = nn.functional.linear(x, w, lin.bias.detach())
+    assert y.dtype == y_dense.dtype == torch.bfloat16
+    want = sk.ops.nm_linear(x.bfloat16(), layer.values.detach().bfloat16(), layer.metadata,
+                            layer.bias.detach().bfloat16(), 40, 2, 4)
+    assert torch.equal(y, want)  # the same op on the same bf16 inputs
+    assert rel_err(y, y_dense) < 2e-2
+    y.float().square().sum().backward()
+    # Gradients reach the fp32 parameters in fp32, through the casts.
+    assert layer.values.grad.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
+    dense_grad = sk.ops.nm_decompress(layer.values.grad, layer.metadata, 40, 2, 4)
+    expect = 2 * y.float().T @ x.bfloat16().float()
+    assert rel_err(dense_grad, expect * keep) < 2e-2
+    assert layer(x).dtype == torch.float32  # outside autocast: unchanged
+
+
+def test_autocast_under_torch_compile_fullgraph():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    sk.sparsify(model, "2:4")
+    x = torch.randn(4, 64)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_eager = compiled(x), model(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_eager)
+    assert compiled(x).dtype == torch.float32
+
+
 def test_state_dict_round_trip_and_checks():
     layer = sk.SparseLinear.from_dense(nn.Linear(36, 10))
     state = layer.state_dict()

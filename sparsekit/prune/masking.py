@@ -57,12 +57,7 @@ def _masked_linear_forward(self, input: torch.Tensor) -> torch.Tensor:
     chain = self.parametrizations.weight
     if input.is_cuda and len(chain) == 1 and isinstance(chain[0], _BoolMask):
         weight, bias = chain.original, self.bias
-        if torch.is_autocast_enabled("cuda"):
-            # As F.linear under autocast: compute in the autocast dtype (the casts carry the
-            # gradients back to the fp32 parameters).
-            dtype = torch.get_autocast_dtype("cuda")
-            input, weight = input.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        input, weight, bias = ops.autocast_linear_inputs("cuda", input, weight, bias)
         if ops._masked_triton_reason(input, weight, bias) is None:
             return ops.masked_linear(input, weight, chain[0].packed_bits(), bias)
     return nn.functional.linear(input, self.weight, self.bias)
