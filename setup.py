@@ -120,7 +120,7 @@ def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     torch_version = torch.__version__.split("+")[0]
-    sources = [os.path.join("csrc", "sparsekit.cpp")] + sorted(
+    sources = [os.path.join("csrc", "sparsekit.cpp"), os.path.join("csrc", "autograd.cpp")] + sorted(
         glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
     )
     define = [("SPARSEKIT_TORCH_VERSION", f'"{torch_version}"')]

@@ -136,6 +136,15 @@ def _nm_sddmm_fake(grad_out, x, metadata, k, n, m):
     return x.new_empty((metadata.shape[0], _groups(k, m) * n))
 
 
+def _register_nm_autograd(name, backward, setup_context):
+    # A compiled build registers the autograd of the three N:M product ops in C++
+    # (csrc/autograd.cpp: same formulas, no Python on each call); these Python formulas
+    # serve builds without the extension. Registering them too would override the C++ ones.
+    if torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", "Autograd"):
+        return
+    torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context)
+
+
 def _nm_linear_setup_context(ctx, inputs, output):
     x, values, metadata, bias, k, n, m = inputs
     ctx.save_for_backward(x, values, metadata)
@@ -158,8 +167,7 @@ def _nm_linear_backward(ctx, grad_out):
     return grad_x, grad_values, None, grad_bias, None, None, None
 
 
-torch.library.register_autograd(f"{NAMESPACE}::nm_linear", _nm_linear_backward,
-                                setup_context=_nm_linear_setup_context)
+_register_nm_autograd("nm_linear", _nm_linear_backward, _nm_linear_setup_context)
 
 
 def _nm_linear_grad_input_setup(ctx, inputs, output):
@@ -180,8 +188,7 @@ def _nm_linear_grad_input_backward(ctx, g):
     return d_gy, d_values, None, None, None, None
 
 
-torch.library.register_autograd(f"{NAMESPACE}::nm_linear_grad_input", _nm_linear_grad_input_backward,
-                                setup_context=_nm_linear_grad_input_setup)
+_register_nm_autograd("nm_linear_grad_input", _nm_linear_grad_input_backward, _nm_linear_grad_input_setup)
 
 
 def _nm_sddmm_setup(ctx, inputs, output):
@@ -203,8 +210,7 @@ def _nm_sddmm_backward(ctx, g):
     return d_gy, d_x, None, None, None, None
 
 
-torch.library.register_autograd(f"{NAMESPACE}::nm_sddmm", _nm_sddmm_backward,
-                                setup_context=_nm_sddmm_setup)
+_register_nm_autograd("nm_sddmm", _nm_sddmm_backward, _nm_sddmm_setup)
 
 
 def _nm_decompress_setup(ctx, inputs, output):

@@ -118,6 +118,46 @@ def test_without_extension_reference_ops_keep_library_usable():
     assert "plain-torch reference" in result.stdout
 
 
+def test_without_extension_python_autograd_formulas_hold():
+    # A compiled build runs the C++ autograd of the N:M products (csrc/autograd.cpp); the
+    # Python formulas in ops.py serve builds without it and must stay right on their own.
+    result = _run_python(
+        """
+        import torch, sparsekit as sk
+        from sparsekit import ops
+        assert sk.build_info()["extension_loaded"] is False
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(5, 16, generator=g, dtype=torch.float64)
+        t = sk.compress(w, 2, 4, prune=True)
+        v = t.values.clone().requires_grad_()
+        x = torch.randn(3, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        gy = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+        md = t.metadata
+        gc, ggc = torch.autograd.gradcheck, torch.autograd.gradgradcheck
+        assert gc(lambda a, v, b: ops.nm_linear(a, v, md, b, 16, 2, 4), (x, v, b))
+        assert ggc(lambda a, v: ops.nm_linear(a, v, md, None, 16, 2, 4), (x, v))
+        assert ggc(lambda g, v: ops.nm_linear_grad_input(g, v, md, 16, 2, 4), (gy, v))
+        assert ggc(lambda g, a: ops.nm_sddmm(g, a, md, 16, 2, 4), (gy, x))
+        print("gradchecks ok")
+        """,
+        {"SPARSEKIT_DISABLE_EXTENSION": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "gradchecks ok" in result.stdout
+
+
+def test_compiled_build_runs_the_cpp_autograd():
+    # Python's register_autograd on these ops would override the C++ kernels and put a
+    # Python call back on every product.
+    if not sk.build_info()["extension_loaded"]:
+        pytest.skip("sparsekit._C is not built")
+    for name in ("nm_linear", "nm_linear_grad_input", "nm_sddmm"):
+        autograd = [line for line in torch._C._dispatch_dump(f"sparsekit::{name}").splitlines()
+                    if line.startswith("Autograd[alias]:")]
+        assert len(autograd) == 1 and "csrc/autograd.cpp" in autograd[0], autograd
+
+
 def test_stale_build_gives_rebuild_message_and_falls_back():
     result = _run_python(
         """
