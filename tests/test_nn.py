@@ -108,6 +108,13 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_linear():
     assert layer(x).dtype == torch.float32  # outside autocast: unchanged
 
 
+def test_meta_tensors_pass_through_the_autocast_check():
+    # Shape inference on the meta device (no autocast exists there) keeps working.
+    layer = sk.SparseLinear.from_dense(nn.Linear(40, 12)).to("meta")
+    y = layer(torch.empty(3, 40, device="meta"))
+    assert y.shape == (3, 12) and y.device.type == "meta"
+
+
 def test_autocast_under_torch_compile_fullgraph():
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
     sk.sparsify(model, "2:4")
