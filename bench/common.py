@@ -3,6 +3,7 @@ figure was measured on (machine, torch version, thread count)."""
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -39,6 +40,7 @@ def machine_info() -> dict:
     info = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
         "cpu": cpu_model(),
         "machine": platform.machine(),
     }
@@ -84,3 +86,82 @@ def semi_structured(dense):
         return to_sparse_semi_structured(dense), None
     except Exception as exc:  # unsupported shape / dtype / GPU / build
         return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """Size of this CPU's largest cache (sysfs), or `default` where it cannot be read."""
+    import glob
+
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=default)
+
+
+def layer_weight_bytes(model) -> int:
+    """Bytes of the weights of model's Linear / Conv2d layers, compressed ones counted as
+    stored (values + metadata); a layer held inside a SparseConv2d is counted once, there."""
+    from torch import nn
+
+    import sparsekit as sk
+
+    total, inside = 0, set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if isinstance(module, (sk.SparseLinear, sk.SparseConv2d)):
+            total += module.weight_nbytes
+            inside.update(id(m) for m in module.modules())
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            total += module.weight.nbytes
+    return total
+
+
+def model_bytes(model) -> int:
+    """Bytes of all of model's parameters and buffers, each stored tensor counted once
+    (tied weights are one tensor)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += t.nbytes
+    return total
+
+
+def kernels_used(fn, *args, grad: bool = False) -> dict[str, int]:
+    """Runs fn(*args) once (under torch.no_grad() unless grad) and says which implementation each sparsekit op it
+    called ran, as `sk.explain` words it for that call's own arguments: {explanation: number
+    of calls}. Ops are seen below the modules (a TorchDispatchMode), so whatever path a
+    module takes (sparse kernel, decompress + dense GEMM, ...) is what gets named."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import sparsekit as sk
+
+    calls = []
+
+    class _Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.namespace == "sparsekit":
+                try:
+                    calls.append(sk.explain(func._opname, *args, *kwargs.values()))
+                except Exception as exc:  # an op explain does not know
+                    calls.append(f"sparsekit::{func._opname}: explain failed "
+                                 f"({type(exc).__name__}: {exc})")
+            return func(*args, **kwargs)
+
+    with torch.set_grad_enabled(grad), _Record():
+        fn(*args)
+    counts: dict[str, int] = {}
+    for c in calls:
+        counts[c] = counts.get(c, 0) + 1
+    return counts
