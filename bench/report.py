@@ -25,17 +25,39 @@ def rows(data):
                    f"{info['ratio_vs_clone']:.2f} of clone (target {info['target_ratio']})")
 
 
+def kernel_summary(kernels) -> str:
+    """{sk.explain text: calls} -> "op: why (xN)" per distinct text, most calls first."""
+    if not kernels:
+        return "n/a"
+    parts = []
+    for text, count in sorted(kernels.items(), key=lambda kv: -kv[1]):
+        head, _, why = text.partition(": ")
+        op = head.split(" on ")[0].replace("sparsekit::", "")
+        parts.append(f"{op}: {why or head} (x{count})")
+    return "; ".join(parts)
+
+
+def _verdict(info):
+    target = info.get("target")
+    if target is None:
+        return ""
+    return " (target %.2gx: %s)" % (target, "met" if info["ratio"] >= target else "NOT met")
+
+
 def linear_rows(data):
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
         if info.get("kind", "").startswith("linear"):
-            target = info.get("target")
-            verdict = "" if target is None else (" (target %.1fx: %s)" % (
-                target, "met" if info["ratio"] >= target else "NOT met"))
-            what = "backward" if info["kind"] == "linear_backward" else "forward"
-            yield (f"{what} {info['dtype']} {info['shape'][0]}x{info['shape'][1]}", str(info["batch"]),
+            what = "fwd+bwd" if info["kind"] == "linear_backward" else "forward"
+            row = (f"{what} {info['dtype']} {info['shape'][0]}x{info['shape'][1]}", str(info["batch"]),
                    f"{info['dense_s'] * 1e3:.2f} ms", f"{info['sparse_s'] * 1e3:.2f} ms",
-                   f"{info['ratio']:.2f}x{verdict}")
+                   f"{info['ratio']:.2f}x{_verdict(info)}")
+            if "stream_gbps" in info:  # weights cycled past the last-level cache
+                row += (f"{info['copies']} ({info['sparse_set_bytes'] / 2**20:.0f} / "
+                        f"{info['dense_set_bytes'] / 2**20:.0f} MiB)",
+                        f"{info['dense_gbps']:.1f}", f"{info['sparse_gbps']:.1f}",
+                        f"{info['stream_gbps']:.1f}", kernel_summary(info.get("kernels")))
+            yield row
 
 
 def module_rows(data):
@@ -45,6 +67,24 @@ def module_rows(data):
             yield (info["what"], f"{info['dense_s'] * 1e3:.1f} ms", f"{info['sparse_s'] * 1e3:.1f} ms",
                    f"{info['ratio']:.2f}x",
                    f"{info['sparse_weight_bytes'] / info['dense_weight_bytes']:.3f}")
+
+
+def model_rows(data):
+    """Whole models of bench/bench_models.py: dense against sparsified, same weights."""
+    def when(seconds, tokens):
+        if tokens:
+            return f"{seconds * 1e3:.1f} ms ({tokens / seconds:.1f} tok/s)"
+        return f"{seconds * 1e3:.1f} ms"
+
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if info.get("kind") == "model":
+            yield (info["what"], info["dtype"], when(info["dense_s"], info.get("tokens")),
+                   when(info["sparse_s"], info.get("tokens")), f"{info['ratio']:.2f}x{_verdict(info)}",
+                   f"{info['sparse_weight_bytes'] / info['dense_weight_bytes']:.3f} "
+                   f"({info['sparse_model_bytes'] / info['dense_model_bytes']:.3f})",
+                   f"{info['converted']} ({len(info['skipped'])} skipped)",
+                   kernel_summary(info.get("kernels")))
 
 
 def triton_rows(data):
@@ -117,10 +157,10 @@ def plot_linear(data, path):
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch (rows of x)")
-    ax.set_ylabel("speed-up over dense F.linear (x)")
+    ax.set_ylabel("speed-up over dense nn.Linear (x)")
     info = next(b["extra_info"] for b in data["benchmarks"] if b.get("extra_info", {}).get("kind"))
-    ax.set_title(f"2:4 nm_linear vs dense, CPU {info['threads']} threads, torch {info['torch']}",
-                 fontsize=9)
+    ax.set_title(f"2:4 SparseLinear vs nn.Linear (weights past the cache), CPU "
+                 f"{info['threads']} threads, torch {info['torch']}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -146,13 +186,22 @@ def main(path):
     with open(path) as f:
         data = json.load(f)
     info = next((b["extra_info"] for b in data["benchmarks"] if "cpu" in b.get("extra_info", {})), {})
-    print(f"Machine: {info.get('cpu', '?')}, {info.get('threads', '?')} threads, "
-          f"torch {info.get('torch', '?')}\n")
-    table(["what", "sparsekit", "baseline (same run)", "ratio"], rows(data))
+    llc = next((b["extra_info"]["llc_bytes"] for b in data["benchmarks"]
+                if "llc_bytes" in b.get("extra_info", {})), None)
+    print(f"Machine: {info.get('cpu', '?')}, {info.get('cores', '?')} cores, "
+          f"{info.get('threads', '?')} threads, torch {info.get('torch', '?')}"
+          + (f", {llc / 2**20:.0f} MiB last-level cache" if llc else "") + "\n")
+    basic = list(rows(data))
+    if basic:
+        table(["what", "sparsekit", "baseline (same run)", "ratio"], basic)
     linear = list(linear_rows(data))
     if linear:
         print()
-        table(["N:M linear 2:4", "batch", "dense F.linear", "sparsekit", "speed-up"], linear)
+        header = ["2:4 Linear", "batch", "dense nn.Linear", "SparseLinear", "speed-up"]
+        if any(len(r) > 5 for r in linear):
+            header += ["weight copies (sparse / dense set)", "dense GB/s", "sparse GB/s",
+                       "streaming read GB/s", "what the sparse layer ran (sk.explain)"]
+        table(header, (r + ("",) * (len(header) - len(r)) for r in linear))
         png = path.rsplit(".", 1)[0] + "_linear.png"
         if plot_linear(data, png):
             print(f"\nPlot: {png}")
@@ -166,6 +215,12 @@ def main(path):
         gpu_line(data, "gpu_")
         table(["2:4 on the GPU", "batch", "dense (cuBLAS)", "sparsekit sp24", "sparsekit Triton",
                "torch semi-structured", "sp24 vs dense", "sp24 vs semi-structured"], cuda)
+    models = list(model_rows(data))
+    if models:
+        print()
+        table(["model (2:4)", "dtype", "dense", "sparsified", "speed-up",
+               "weight bytes vs dense (whole model)", "layers converted",
+               "what the sparse layers ran (sk.explain)"], models)
     modules = list(module_rows(data))
     if modules:
         print()
