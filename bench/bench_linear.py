@@ -35,7 +35,7 @@ from common import kernels_used, last_level_cache_bytes, machine_info, paired_se
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
 BATCHES = {"float32": [1, 8, 64, 256], "bfloat16": [1, 8, 64, 256, 512]}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-REPEATS = 5
+REPEATS = 4
 LLC_BYTES = last_level_cache_bytes()
 # The compressed copies cycled per timed call add up to at least this (dense: about twice).
 WORKING_SET_BYTES = min(4 * LLC_BYTES, 1 << 30)
@@ -107,7 +107,7 @@ def test_linear_forward(benchmark, shape, dtype, batch):
             return [layer(x) for layer in layers]
 
     benchmark.group = f"linear 2:4 {dtype} {shape[0]}x{shape[1]} batch {batch}"
-    ys = benchmark.pedantic(run, args=(sparse_layers,), rounds=3, iterations=1, warmup_rounds=1)
+    ys = benchmark.pedantic(run, args=(sparse_layers,), rounds=1, iterations=1, warmup_rounds=0)
     dense_pass, sparse_pass = paired_seconds(lambda: run(dense_layers), lambda: run(sparse_layers),
                                              REPEATS)
     dense_s, sparse_s = dense_pass / copies, sparse_pass / copies
@@ -140,7 +140,7 @@ def test_linear_backward(benchmark, shape):
             layer(x).backward(gy)
 
     benchmark.group = f"linear 2:4 forward+backward float32 {shape[0]}x{shape[1]} batch {batch}"
-    benchmark.pedantic(run, args=(sparse_layers,), rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(run, args=(sparse_layers,), rounds=1, iterations=1, warmup_rounds=0)
     dense_pass, sparse_pass = paired_seconds(lambda: run(dense_layers), lambda: run(sparse_layers),
                                              REPEATS)
     dense_s, sparse_s = dense_pass / copies, sparse_pass / copies
