@@ -131,8 +131,10 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
                              x, self.bias)
         return nn.functional.linear(x, w, self.bias)
 
-    # The kernels dispatch.run chooses from (a format of its own may replace this dict).
-    _kernel_candidates = {"sparse": _sparse_forward, "dense": _dense_forward}
+    # The kernels dispatch.run chooses from, {name: fn(module, x)}. Called by method name,
+    # so a subclass (or another format's forward) that overrides a method is the one run.
+    _kernel_candidates = {"sparse": lambda self, x: self._sparse_forward(x),
+                          "dense": lambda self, x: self._dense_forward(x)}
     _kernel_descriptions = {"sparse": "sparsekit N:M kernel, ops.nm_linear",
                             "dense": "torch F.linear on the decompressed weight"}
 
@@ -337,7 +339,7 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
         w = w.view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
         return nn.functional.conv2d(x, w, lin.bias, self.stride, self.padding, self.dilation)
 
-    _kernel_candidates = {"sparse": _sparse_forward, "dense": _dense_forward}
+    _kernel_candidates = SparseLinear._kernel_candidates  # by name: _sparse/_dense_forward
     _kernel_descriptions = {"sparse": "sparsekit N:M kernel, ops.nm_linear on pixels/patches",
                             "dense": "torch F.conv2d on the decompressed weight"}
 
