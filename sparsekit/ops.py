@@ -23,8 +23,8 @@ from . import _ext, reference
 
 __all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "nm_decompress_into",
            "nm_linear", "nm_linear_grad_input", "nm_sddmm", "masked_linear",
-           "masked_linear_grad_input", "masked_linear_grad_weight", "explain", "registered_kernels", "set_cpu_isa",
-           "set_cuda_backend"]
+           "masked_linear_grad_input", "masked_linear_grad_weight", "explain",
+           "registered_kernels", "set_cpu_isa", "set_cuda_backend"]
 
 NAMESPACE = "sparsekit"
 

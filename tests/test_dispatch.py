@@ -150,6 +150,15 @@ def test_auto_measures_once_per_bucket_and_uses_the_faster(monkeypatch):
     assert dispatch.decisions()[layer._kernel_key(torch.randn(40, 64))].choice == "sparse"
 
 
+def test_measure_times_every_candidate_alternately():
+    calls = []
+    candidates = {"sparse": lambda x: calls.append("sparse"), "dense": lambda x: calls.append("dense")}
+    times = dispatch.measure(candidates, (None,), torch.device("cpu"))
+    assert set(times) == {"sparse", "dense"} and all(0 <= t < 1 for t in times.values())
+    assert calls[:4] == ["sparse", "dense", "sparse", "dense"]
+    assert dispatch.REPEATS + 1 <= len(calls) // 2 <= dispatch.MAX_ROUNDS + 1
+
+
 def test_concurrent_first_calls_measure_each_key_once(monkeypatch):
     fake = FakeMeasure(sleep=0.05)
     monkeypatch.setattr(dispatch, "measure", fake)
