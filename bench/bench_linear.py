@@ -30,7 +30,7 @@ from torch import nn
 
 import sparsekit as sk
 
-from common import kernels_used, last_level_cache_bytes, machine_info, paired_seconds
+from common import kernels_used, last_level_cache_bytes, layer_choices, machine_info, paired_seconds
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
 BATCHES = {"float32": [1, 8, 64, 256], "bfloat16": [1, 8, 64, 256, 512]}
@@ -115,7 +115,8 @@ def test_linear_forward(benchmark, shape, dtype, batch):
     benchmark.extra_info.update(
         kind="linear_forward", shape=list(shape), dtype=dtype, batch=batch, dense_s=dense_s,
         sparse_s=sparse_s, ratio=dense_s / sparse_s, target=_target(dtype, batch),
-        kernels=kernels_used(sparse_layers[0], x), isa=sk.build_info()["cpu_isa_active"],
+        kernels=kernels_used(sparse_layers[0], x),
+        layer_choices=layer_choices(sparse_layers[0]), isa=sk.build_info()["cpu_isa_active"],
         **_bandwidth_info(dense_layers, sparse_layers, dense_s, sparse_s, stream_s),
         **machine_info())
     ref = x.double() @ dense_layers[0].weight.double().t()
@@ -149,6 +150,7 @@ def test_linear_backward(benchmark, shape):
         kind="linear_backward", shape=list(shape), dtype="float32", batch=batch, dense_s=dense_s,
         sparse_s=sparse_s, ratio=dense_s / sparse_s, target=1.0,
         kernels=kernels_used(lambda: sparse_layers[0](x).backward(gy), grad=True),
+        layer_choices=layer_choices(sparse_layers[0]),
         isa=sk.build_info()["cpu_isa_active"],
         **_bandwidth_info(dense_layers, sparse_layers, dense_s, sparse_s, stream_s),
         **machine_info())

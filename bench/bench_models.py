@@ -27,7 +27,7 @@ import torch
 
 import sparsekit as sk
 
-from common import kernels_used, layer_weight_bytes, machine_info, model_bytes, paired_seconds
+from common import kernels_used, layer_choices, layer_weight_bytes, machine_info, model_bytes, paired_seconds
 
 REPEATS = 5
 LLM_REPEATS = 3
@@ -55,6 +55,7 @@ def _measure(benchmark, *, what, group, run, dense, sparse, report, dtype, batch
         dense_weight_bytes=layer_weight_bytes(dense), sparse_weight_bytes=layer_weight_bytes(sparse),
         dense_model_bytes=model_bytes(dense), sparse_model_bytes=model_bytes(sparse),
         converted=len(report.converted), skipped=dict(report.skipped), kernels=kernels,
+        layer_choices=layer_choices(sparse),
         isa=sk.build_info()["cpu_isa_active"], **machine_info())
 
 

@@ -154,9 +154,9 @@ def kernels_used(fn, *args, grad: bool = False) -> dict[str, int]:
             if func.namespace == "sparsekit":
                 try:
                     calls.append(sk.explain(func._opname, *args, *kwargs.values()))
-                except Exception as exc:  # an op explain does not know
-                    calls.append(f"sparsekit::{func._opname}: explain failed "
-                                 f"({type(exc).__name__}: {exc})")
+                except ValueError:  # an op explain does not cover
+                    calls.append(f"sparsekit::{func._opname}: called (sk.explain does not "
+                                 "cover this op)")
             return func(*args, **kwargs)
 
     with torch.set_grad_enabled(grad), _Record():
@@ -164,4 +164,24 @@ def kernels_used(fn, *args, grad: bool = False) -> dict[str, int]:
     counts: dict[str, int] = {}
     for c in calls:
         counts[c] = counts.get(c, 0) + 1
+    return counts
+
+
+def layer_choices(model) -> dict[str, int]:
+    """{`sk.explain(layer)` for its last call: number of layers} over model's sparse layers
+    (a layer inside a SparseConv2d counted with it), where explain takes a layer (sparsekit
+    with per-call kernel choice); {} otherwise."""
+    import sparsekit as sk
+
+    counts: dict[str, int] = {}
+    inside = set()
+    for module in model.modules():
+        if id(module) in inside or not isinstance(module, (sk.SparseLinear, sk.SparseConv2d)):
+            continue
+        inside.update(id(m) for m in module.modules())
+        try:
+            text = sk.explain(module)
+        except (TypeError, ValueError):
+            continue
+        counts[text] = counts.get(text, 0) + 1
     return counts

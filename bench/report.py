@@ -25,8 +25,29 @@ def rows(data):
                    f"{info['ratio_vs_clone']:.2f} of clone (target {info['target_ratio']})")
 
 
-def kernel_summary(kernels) -> str:
-    """{sk.explain text: calls} -> "op: why (xN)" per distinct text, most calls first."""
+def choice_summary(choices) -> str | None:
+    """{sk.explain(layer) text: layers} -> "sparse: N layers, dense: M layers" (the name
+    after the layer description), or None without per-layer explanations."""
+    if not choices:
+        return None
+    by_choice: dict[str, int] = {}
+    for text, count in choices.items():
+        parts = text.split(": ")
+        name = parts[1].split(" (")[0] if len(parts) > 1 else text
+        by_choice[name] = by_choice.get(name, 0) + count
+    return ", ".join(f"{name}: {n} layer{'s' if n > 1 else ''}"
+                     for name, n in sorted(by_choice.items(), key=lambda kv: -kv[1]))
+
+
+def kernel_summary(kernels, choices=None) -> str:
+    """{sk.explain text: calls} -> "op: why (xN)" per distinct text, most calls first;
+    prefixed by the per-layer kernel choice where the layers report one."""
+    chosen = choice_summary(choices)
+    ops = _op_summary(kernels)
+    return ops if chosen is None else f"{chosen} ({ops})"
+
+
+def _op_summary(kernels) -> str:
     if not kernels:
         return "n/a"
     parts = []
@@ -56,7 +77,8 @@ def linear_rows(data):
                 row += (f"{info['copies']} ({info['sparse_set_bytes'] / 2**20:.0f} / "
                         f"{info['dense_set_bytes'] / 2**20:.0f} MiB)",
                         f"{info['dense_gbps']:.1f}", f"{info['sparse_gbps']:.1f}",
-                        f"{info['stream_gbps']:.1f}", kernel_summary(info.get("kernels")))
+                        f"{info['stream_gbps']:.1f}",
+                        kernel_summary(info.get("kernels"), info.get("layer_choices")))
             yield row
 
 
@@ -84,7 +106,7 @@ def model_rows(data):
                    f"{info['sparse_weight_bytes'] / info['dense_weight_bytes']:.3f} "
                    f"({info['sparse_model_bytes'] / info['dense_model_bytes']:.3f})",
                    f"{info['converted']} ({len(info['skipped'])} skipped)",
-                   kernel_summary(info.get("kernels")))
+                   kernel_summary(info.get("kernels"), info.get("layer_choices")))
 
 
 def triton_rows(data):
