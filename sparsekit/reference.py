@@ -113,13 +113,18 @@ def nm_decompress(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, 
     group_start = torch.arange(groups, device=values.device).view(1, groups, 1) * m
     in_padding = group_start + idx >= k
     bad |= (in_padding & (vals != 0)).any(-1)
+    # A group with n or more real columns never points into the padding; one with fewer
+    # keeps exactly 0..n-1 (with increasing indices: the last index is below both).
+    width = (k - group_start.view(1, groups)).clamp(max=m)
+    bad |= idx[..., -1] >= width.clamp(min=n)
     if bad.any():
         row, group = torch.nonzero(bad)[0].tolist()
         hi = min(group * m + m, k) - 1
         raise ValueError(
             f"metadata is corrupt at row {row}, group {group} (columns {group * m}..{hi}): "
-            f"kept indices must be strictly increasing, below m={m}, and padding beyond "
-            f"k={k} must hold zeros"
+            f"kept indices must be strictly increasing, below m={m}, point into the padding "
+            f"beyond k={k} only in a group of fewer than n={n} real columns (keeping "
+            f"0..n-1), and padding must hold zeros"
         )
     dense = torch.zeros(rows, groups, m, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, idx, vals)

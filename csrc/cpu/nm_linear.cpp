@@ -274,8 +274,13 @@ at::Tensor nm_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const a
   TORCH_CHECK_VALUE(grad_out.numel() == batch * rows, "grad_out and x must hold the same batch: ",
                     grad_out.sizes(), " vs ", x.sizes());
   if (!has_kernel_dtype(x.scalar_type())) {  // fp64: dense product, then gather kept entries
-    const at::Tensor dense = at::matmul(grad_out.reshape({batch, rows}).t(), x.reshape({batch, k}));
-    const at::Tensor kept = decompress(at::ones({rows, L.values_per_row}, x.options()), metadata, k, n, m);
+    // Over K padded to Kp (zero columns of x): a group with fewer than N real columns keeps
+    // slots in the padding, and their gradient is 0. At Kp every slot is a real column, so
+    // the kept positions are exactly where a decompressed all-ones weight is nonzero.
+    const int64_t kp = L.groups * L.m;
+    const at::Tensor xp = at::constant_pad_nd(x.reshape({batch, k}), {0, kp - k});
+    const at::Tensor dense = at::matmul(grad_out.reshape({batch, rows}).t(), xp);
+    const at::Tensor kept = decompress(at::ones({rows, L.values_per_row}, x.options()), metadata, kp, n, m);
     return dense.masked_select(kept.ne(0)).view({rows, L.values_per_row});
   }
   const at::Tensor gy2 = grad_out.reshape({batch, rows}), x2 = x.reshape({batch, k});
