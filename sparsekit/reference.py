@@ -131,14 +131,21 @@ def nm_decompress(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, 
     return dense.view(rows, groups * m)[:, :k].contiguous()
 
 
+def _padded_weight(values, metadata, k: int, n: int, m: int) -> torch.Tensor:
+    # W over K padded to a multiple of m: the products read values in padding slots against
+    # zero columns (as every kernel does), so only decompress refuses nonzeros there.
+    return nm_decompress(values, metadata, -(-k // m) * m, n, m)
+
+
 def nm_linear(x, values, metadata, bias, k: int, n: int, m: int) -> torch.Tensor:
     """y = x @ W^T (+ bias), W the dense form of (values, metadata): [rows, k]."""
-    return torch.nn.functional.linear(x, nm_decompress(values, metadata, k, n, m), bias)
+    x = _pad_last(x, m, 0) if k % m else x
+    return torch.nn.functional.linear(x, _padded_weight(values, metadata, k, n, m), bias)
 
 
 def nm_linear_grad_input(grad_out, values, metadata, k: int, n: int, m: int) -> torch.Tensor:
     """grad_x = grad_out @ W: [..., rows] -> [..., k]."""
-    return torch.matmul(grad_out, nm_decompress(values, metadata, k, n, m))
+    return torch.matmul(grad_out, _padded_weight(values, metadata, k, n, m)[:, :k])
 
 
 def kept_columns(metadata: torch.Tensor, k: int, n: int, m: int):
