@@ -179,7 +179,7 @@ def _nm_linear_backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         grad_values = torch.ops.sparsekit.nm_sddmm(grad_out, x, metadata, k, n, m)
     if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = grad_out.reshape(-1, values.shape[0]).sum(0)
+        grad_bias = grad_out.reshape(grad_out.shape[:-1].numel(), values.shape[0]).sum(0)
     return grad_x, grad_values, None, grad_bias, None, None, None
 
 
@@ -498,7 +498,7 @@ def _masked_linear_backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         grad_w = torch.ops.sparsekit.masked_linear_grad_weight(grad_out, x, mask, n, m)
     if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = grad_out.reshape(-1, weight.shape[0]).sum(0)
+        grad_bias = grad_out.reshape(grad_out.shape[:-1].numel(), weight.shape[0]).sum(0)
     return grad_x, grad_w, None, grad_bias, None, None
 
 

@@ -162,7 +162,8 @@ def nm_sddmm(grad_out, x, metadata, k: int, n: int, m: int) -> torch.Tensor:
     """Gradient of the kept values: (grad_out^T @ x)[r, col(r, j)] for every kept (r, j),
     in the values layout [rows, ceil(k/m)*n]."""
     rows = metadata.shape[0]
-    dense = grad_out.reshape(-1, rows).t() @ x.reshape(-1, k)  # [rows, k]
+    batch = x.shape[:-1].numel()  # not -1: k or rows may be 0
+    dense = grad_out.reshape(batch, rows).t() @ x.reshape(batch, k)  # [rows, k]
     cols, inside = kept_columns(metadata, k, n, m)
     if k == 0:
         return dense.new_zeros(cols.shape)
@@ -229,5 +230,6 @@ def masked_linear_grad_weight(grad_out, x, mask, n: int = 0, m: int = 0) -> torc
     """grad_W = (grad_out^T @ x) * mask: [rows, k], exactly 0 at every pruned entry."""
     rows, k = grad_out.shape[-1], x.shape[-1]
     keep = dense_mask(mask, rows, k, n, m)
-    dense = grad_out.reshape(-1, rows).t() @ x.reshape(-1, k)
+    batch = x.shape[:-1].numel()  # not -1: k or rows may be 0
+    dense = grad_out.reshape(batch, rows).t() @ x.reshape(batch, k)
     return torch.where(keep, dense, 0)
