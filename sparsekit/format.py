@@ -106,36 +106,38 @@ def _byte_ok_table(n: int, m: int) -> torch.Tensor:
 def _check_groups(meta, values, r0, g0, k, n, m, name, values_name, last_byte):
     """Checks groups g0.. of rows r0.. whose fields start at the first bit of `meta`; raises
     ValueError naming the first bad (row, group). `last_byte`: meta ends with the row's
-    last byte, whose bits after the last field must be 0."""
+    last byte, whose bits after the last field must be 0. `values`: the slots of the same
+    groups, or None."""
     bits = index_bits(m)
-    rows, groups = meta.shape[0], values.shape[1] // n if values is not None else None
-    groups = -(-k // m) - g0
+    rows, groups = meta.shape[0], -(-k // m) - g0
     idx = _unpack_fields(meta, bits, groups * n).view(rows, groups, n)
-    # width = the group's real columns; indices below max(width, n) are allowed: with
-    # increasing indices that is "no padding" when width >= n, exactly 0..n-1 otherwise.
-    width = (k - (g0 + torch.arange(groups, device=meta.device)) * m).clamp(max=m)
-    order_bad = (idx >= m).any(-1)
+    bad = (idx >= m).any(-1)
     if n > 1:
-        order_bad |= (idx[..., 1:] <= idx[..., :-1]).any(-1)
-    bad = order_bad | (idx[..., -1] >= width.clamp(min=n))
+        bad |= (idx[..., 1:] <= idx[..., :-1]).any(-1)
+    order_bad = bad.clone()
+    tail = k % m  # real columns of the last group when it is partial: only it touches padding
+    if last_byte and tail:
+        # Indices below max(tail, n): with increasing indices that is "no padding" when the
+        # group has n real columns, and exactly 0..n-1 when it has fewer.
+        bad[:, -1] |= idx[:, -1, -1] >= max(tail, n)
+        if values is not None:
+            bad[:, -1] |= ((idx[:, -1] >= tail) & (values[:, -n:] != 0)).any(-1)
     tail_bits = (g0 + groups) * n * bits % 8
     if last_byte and tail_bits:
         bad[:, -1] |= (meta[:, -1] >> tail_bits) != 0
-    if values is not None:
-        vals = values.reshape(rows, groups, n)
-        bad |= ((idx >= width.view(1, groups, 1)) & (vals != 0)).any(-1)
     if not bool(bad.any()):
         return
     row, group = torch.nonzero(bad)[0].tolist()
-    kept, w = tuple(idx[row, group].tolist()), int(width[group])
+    kept = tuple(idx[row, group].tolist())
+    w = min(m, k - (g0 + group) * m)
     if bool(order_bad[row, group]):
         why = f"kept indices {kept} must be strictly increasing and below m={m}"
     elif kept[-1] >= max(w, n):
         why = (f"kept indices {kept} point into the zero padding beyond k={k}, though the group "
                f"has {w} real column(s)" + (f" (it must keep exactly {tuple(range(n))})"
                                             if w < n else ""))
-    elif values is not None and any(i >= w and v != 0
-                                    for i, v in zip(kept, vals[row, group].tolist())):
+    elif values is not None and any(i >= w and v != 0 for i, v in
+                                    zip(kept, values[row, group * n:(group + 1) * n].tolist())):
         why = (f"{values_name} holds a nonzero entry at a padding position beyond k={k} "
                f"(kept indices {kept})")
     else:
@@ -144,6 +146,32 @@ def _check_groups(meta, values, r0, g0, k, n, m, name, values_name, last_byte):
     lo, hi = group * m, min(group * m + m, k) - 1
     raise ValueError(f"{name} is not canonical {n}:{m} metadata at row {r0 + row}, group {group} "
                      f"(columns {lo}..{hi}): {why}")
+
+
+def _passes_compiled_decompress(metadata, values, k, n, m, count, bits) -> bool:
+    """CPU fast path for patterns without the byte table: the compiled decompress kernel
+    applies the same rule (csrc/nm_format.h) in parallel, a block of rows at a time; the
+    bits after the last field are checked here. False when it is not available or finds
+    something, and the torch path then locates the error and says what it is."""
+    if (metadata.device.type != "cpu" or 8 % (n * bits) == 0
+            or not torch._C._dispatch_has_kernel_for_dispatch_key("sparsekit::nm_decompress",
+                                                                  "CPU")):
+        return False
+    tail_bits = count * bits % 8
+    if tail_bits and bool(((metadata[:, -1] >> tail_bits) != 0).any()):
+        return False
+    rows = metadata.shape[0]
+    block = max(1, _CHECK_FIELDS_PER_BLOCK // max(k, 1))
+    for r0 in range(0, rows, block):
+        vals = (torch.zeros(min(block, rows - r0), count, dtype=torch.float16) if values is None
+                else values[r0:r0 + block])
+        if not vals.is_floating_point() or vals.element_size() < 2:
+            return False
+        try:
+            ops.nm_decompress(vals, metadata[r0:r0 + block], k, n, m)
+        except ValueError:
+            return False
+    return True
 
 
 def check_metadata(metadata: torch.Tensor, k: int, n: int, m: int, name: str = "metadata", *,
@@ -160,7 +188,8 @@ def check_metadata(metadata: torch.Tensor, k: int, n: int, m: int, name: str = "
     The error names `name` (e.g. the state_dict key), the row and the group. Vectorized
     torch: runs on the tensor's device (CPU or CUDA) and returns None when all is well.
     Patterns whose groups fill whole bytes (2:4, 1:2, 2:3, 1:4) check full groups with one
-    256-entry table lookup per byte.
+    256-entry table lookup per byte; on the CPU the others first try the compiled
+    decompress kernel, which applies the same rule.
 
     >>> t = compress(torch.randn(4, 8), 2, 4, prune=True)
     >>> check_metadata(t.metadata, 8, 2, 4)
@@ -196,6 +225,8 @@ def check_metadata(metadata: torch.Tensor, k: int, n: int, m: int, name: str = "
             raise ValueError(f"{values_name} and {name} must be on one device, got "
                              f"{values.device} and {metadata.device}")
     if rows == 0 or count == 0:
+        return
+    if _passes_compiled_decompress(metadata, values, k, n, m, count, bits):
         return
     # Full groups of byte-sized chunks go through the table; the rest (the last, partial
     # group with its padding, or every group of other patterns) through the field decoder.
