@@ -21,10 +21,10 @@ import torch
 
 from . import _ext, reference
 
-__all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "nm_linear",
-           "nm_linear_grad_input", "nm_sddmm", "masked_linear", "masked_linear_grad_input",
-           "masked_linear_grad_weight", "explain", "registered_kernels", "set_cpu_isa",
-           "set_cuda_backend"]
+__all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "nm_decompress_into",
+           "nm_linear", "nm_linear_grad_input", "nm_sddmm", "masked_linear",
+           "masked_linear_grad_input", "masked_linear_grad_weight", "explain",
+           "registered_kernels", "set_cpu_isa", "set_cuda_backend"]
 
 NAMESPACE = "sparsekit"
 
@@ -49,6 +49,8 @@ SCHEMAS = {
 # Internal ops of a compiled build (no reference; csrc/sparsekit.cpp declares them too):
 # the 2:4 sparse tensor-core path. Used by the CUDA dispatch at the end of this module.
 INTERNAL_SCHEMAS = {
+    "nm_decompress_into": "nm_decompress_into(Tensor values, Tensor metadata, int k, int n, int m, "
+                          "Tensor(a!) out) -> ()",
     "sp24_pack": "sp24_pack(Tensor values, Tensor metadata, int k) -> (Tensor, Tensor)",
     "sp24_linear": "sp24_linear(Tensor x, Tensor packed_values, Tensor packed_meta, Tensor? bias, "
                    "int rows, int k) -> Tensor",
@@ -319,6 +321,30 @@ def nm_decompress(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, 
     return torch.ops.sparsekit.nm_decompress(values, metadata, k, n, m)
 
 
+# A compiled build has the in-place CPU kernel (an internal op, like sp24_*).
+_DECOMPRESS_INTO_CPU = (_schema_exists("nm_decompress_into") and
+                        torch._C._dispatch_has_kernel_for_dispatch_key(
+                            f"{NAMESPACE}::nm_decompress_into", "CPU"))
+
+if _schema_exists("nm_decompress_into"):
+    @torch.library.register_fake(f"{NAMESPACE}::nm_decompress_into")
+    def _nm_decompress_into_fake(values, metadata, k, n, m, out):
+        return None
+
+
+def nm_decompress_into(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, m: int,
+                       out: torch.Tensor) -> torch.Tensor:
+    """Writes the dense [rows, k] matrix into `out` (contiguous, the values' dtype and
+    device) and returns it: the compiled CPU kernel writes in place; other devices, or a
+    build without the extension, decompress and copy. Not differentiable (use
+    nm_decompress for gradients)."""
+    if _DECOMPRESS_INTO_CPU and values.device.type == "cpu":
+        torch.ops.sparsekit.nm_decompress_into(values, metadata, k, n, m, out)
+    else:
+        out.copy_(torch.ops.sparsekit.nm_decompress(values, metadata, k, n, m))
+    return out
+
+
 def _dispatch_key(device: torch.device) -> str:
     return {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device.type, device.type.upper())
 
@@ -338,12 +364,22 @@ def registered_kernels() -> dict[str, list[str]]:
 _EXPLAINERS: dict = {}
 
 
-def explain(op: str, *args) -> str:
+def explain(op, *args) -> str:
     """Says which implementation `torch.ops.sparsekit.<op>(*args)` would run, and why.
 
     >>> explain("nm_compress", torch.randn(8, 16))
     'sparsekit::nm_compress on cpu (float32): compiled CPU kernel (sparsekit._C)'
+
+    `op` may also be a sparse layer (SparseLinear, SparseConv2d): `explain(layer, x)` says
+    which kernel `layer(x)` runs (sparse or dense) and why (measured times, forced, or a
+    default); `explain(layer)` says it for the layer's last call. See sparsekit.dispatch.
     """
+    if isinstance(op, torch.nn.Module):
+        from . import dispatch
+
+        if len(args) > 1:
+            raise ValueError("explain(module, x): give at most one input x")
+        return dispatch.explain_module(op, *args)
     if op not in SCHEMAS:
         raise ValueError(f"op must be one of {sorted(SCHEMAS)}, got {op!r}")
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
