@@ -231,3 +231,22 @@ def test_select_channels_keeps_a_minimum_per_layer():
     assert int(keep["b1"].sum()) == 4
     with pytest.raises(ValueError, match="ratio"):
         prune.select_channels(model, 1.0)
+
+
+def test_masks_keep_the_parameter_and_its_gradient_accumulator():
+    # DistributedDataParallel hooks each parameter's gradient accumulator when it is built;
+    # attach_mask / remove_mask must not replace it (register_parametrization's set_ did:
+    # DDP then failed with "parameters that were not used").
+    layer = nn.Linear(16, 8)
+    weight = layer.weight
+    accumulator = weight.view_as(weight).grad_fn.next_functions[0][0]
+    mask = torch.rand(8, 16) > 0.5
+    prune.attach_mask(layer, mask=mask)
+    original = layer.parametrizations.weight.original
+    assert original is weight
+    assert original.view_as(original).grad_fn.next_functions[0][0] is accumulator
+    layer(torch.randn(3, 16)).sum().backward()
+    assert (weight.grad[~mask] == 0).all() and (weight.grad[mask] != 0).all()
+    prune.remove_mask(layer)
+    assert layer.weight is weight and (weight[~mask] == 0).all()
+    assert weight.view_as(weight).grad_fn.next_functions[0][0] is accumulator
