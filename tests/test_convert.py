@@ -223,3 +223,17 @@ def test_sparsify_after_pruner_mask_and_twice():
     assert report.converted == ["0", "1"]
     again = sk.sparsify(model)  # already sparse: nothing left to convert
     assert not again.converted and not again.skipped
+
+
+def test_densify_builds_everything_before_changing_anything():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    sk.sparsify(model)
+    first = model[0]
+
+    def broken():
+        raise RuntimeError("cannot decompress")
+
+    model[2].to_dense = broken  # the last layer fails: the first must not be swapped yet
+    with pytest.raises(RuntimeError, match="cannot decompress"):
+        sk.densify(model)
+    assert model[0] is first
