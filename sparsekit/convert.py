@@ -164,9 +164,12 @@ def _unsafe_reason(names: list[str], module: nn.Module, by_name: dict) -> str | 
 
 
 def _weight_param(module: nn.Module):
+    """The Parameter behind module.weight (under a parametrization, its `original`); the
+    module itself when there is none (weight_norm's two tensors): nothing to be tied to."""
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
-    return module._parameters.get("weight")
+        return getattr(module.parametrizations.weight, "original", module)
+    weight = module._parameters.get("weight")
+    return module if weight is None else weight
 
 
 @dataclass
