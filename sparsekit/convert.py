@@ -94,11 +94,13 @@ def _class_weight_reads(klass: type) -> frozenset:
     return _weight_reads_cache[klass]
 
 
-def _weight_reads(module: nn.Module) -> frozenset:
-    """Paths P (relative to `module`) whose `.weight` the code of the module's classes reads."""
+def _weight_reads(module: nn.Module, besides: type | None = None) -> frozenset:
+    """Paths P (relative to `module`) whose `.weight` the code of the module's classes
+    (other than `besides`) reads."""
     reads = set()
     for klass in type(module).__mro__:
-        if klass.__module__ in ("builtins", "torch.nn.modules.module", "torch.nn.modules.container"):
+        if klass is besides or klass.__module__ in ("builtins", "torch.nn.modules.module",
+                                                    "torch.nn.modules.container"):
             continue
         reads |= _class_weight_reads(klass)
     return frozenset(reads)
@@ -156,8 +158,9 @@ def _unsafe_reason(names: list[str], module: nn.Module, by_name: dict) -> str | 
             owner_name, rel = ".".join(parts[:depth]), ".".join(parts[depth:])
             owner = by_name[owner_name]
             if rel in _weight_reads(owner):
-                if isinstance(owner, nn.TransformerEncoderLayer) and rel in _FASTPATH_READS:
-                    continue  # read on the fast path only, which sparsify turns off
+                if (isinstance(owner, nn.TransformerEncoderLayer) and rel in _FASTPATH_READS
+                        and rel not in _weight_reads(owner, besides=nn.TransformerEncoderLayer)):
+                    continue  # read on torch's fast path only, which sparsify turns off
                 return (f"{type(owner).__qualname__} {owner_name or '(model)'} reads "
                         f"self.{rel}.weight directly")
     return None

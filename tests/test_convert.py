@@ -237,3 +237,12 @@ def test_densify_builds_everything_before_changing_anything():
     with pytest.raises(RuntimeError, match="cannot decompress"):
         sk.densify(model)
     assert model[0] is first
+
+
+def test_transformer_layer_subclass_reading_linear1_keeps_it():
+    class Probe(nn.TransformerEncoderLayer):
+        def forward(self, src, *args, **kwargs):
+            return super().forward(src, *args, **kwargs) + self.linear1.weight.mean()
+
+    report = sk.sparsify(Probe(32, 4, 64, batch_first=True))
+    assert report.converted == ["linear2"] and "reads self.linear1.weight" in report.skipped["linear1"]
