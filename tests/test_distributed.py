@@ -120,6 +120,8 @@ def assert_same(got: dict, want: dict, exact: bool, what: str):
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"{what}: {k}")
 
 
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="this torch build has no torch.distributed with gloo")
 @pytest.mark.parametrize("scenario", ["ddp_sparse", "ddp_pruner_before", "ddp_pruner_after",
                                       "fsdp2_sparse"])
 def test_two_ranks_equal_each_other_and_single_process(scenario, tmp_path):
