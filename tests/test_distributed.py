@@ -3,11 +3,13 @@
 DistributedDataParallel training of a sparsified model (SparseLinear values), of a model
 pruned while training (Pruner created before or after the DDP wrap), and FSDP2
 (fully_shard) of a sparsified model: both ranks must end with identical parameters and
-masks, equal to single-process training on the same global batch. Each test is bounded in
-time: a hang fails it instead of blocking the run."""
+masks, equal to single-process training on the same global batch. One spawn runs every
+scenario (one start-up) and is bounded in time: a hang fails the tests instead of blocking
+the run."""
 
 import os
 import time
+import traceback
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ import sparsekit as sk
 WORLD = 2
 GLOBAL_BATCH = 8
 STEPS = 4
-TIMEOUT_S = 180  # the whole spawn: start-up, rendezvous, training
+TIMEOUT_S = 240  # the whole spawn: start-up, rendezvous, every scenario
 
 
 def make_model():
@@ -87,28 +89,43 @@ def train(scenario: str, rank: int, world: int) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, scenario: str) -> None:
+SCENARIOS = ["ddp_sparse", "ddp_pruner_before", "ddp_pruner_after", "fsdp2_sparse"]
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Runs every scenario in one process group (one start-up for all); a scenario that
+    raises saves its traceback, so each test reports its own failure."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        result = train(scenario, rank, world)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
+        for scenario in SCENARIOS:
+            try:
+                result = train(scenario, rank, world)
+            except Exception:
+                result = {"error": traceback.format_exc()}
+            torch.save(result, os.path.join(out_dir, f"{scenario}.rank{rank}.pt"))
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def run_distributed(scenario: str, tmp_path) -> list[dict]:
-    ctx = mp.spawn(_worker, args=(WORLD, str(tmp_path / "rendezvous"), str(tmp_path), scenario),
-                   nprocs=WORLD, join=False)
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory):
+    """{scenario: [rank 0 result, rank 1 result]} from one spawn of WORLD processes, bounded
+    by TIMEOUT_S: a hang fails the tests instead of blocking the run."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("this torch build has no torch.distributed with gloo")
+    tmp = tmp_path_factory.mktemp("distributed")
+    ctx = mp.spawn(_worker, args=(WORLD, str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD,
+                   join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
         if time.monotonic() >= deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            pytest.fail(f"{scenario}: {WORLD} processes did not finish within {TIMEOUT_S} s")
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+            pytest.fail(f"{WORLD} processes did not finish within {TIMEOUT_S} s")
+    return {s: [torch.load(tmp / f"{s}.rank{r}.pt") for r in range(WORLD)] for s in SCENARIOS}
 
 
 def assert_same(got: dict, want: dict, exact: bool, what: str):
@@ -120,18 +137,19 @@ def assert_same(got: dict, want: dict, exact: bool, what: str):
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"{what}: {k}")
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                    reason="this torch build has no torch.distributed with gloo")
-@pytest.mark.parametrize("scenario", ["ddp_sparse", "ddp_pruner_before", "ddp_pruner_after",
-                                      "fsdp2_sparse"])
-def test_two_ranks_equal_each_other_and_single_process(scenario, tmp_path):
-    ranks = run_distributed(scenario, tmp_path)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_two_ranks_equal_each_other_and_single_process(scenario, distributed_results):
+    ranks = distributed_results[scenario]
+    for rank, result in enumerate(ranks):
+        assert "error" not in result, f"rank {rank}:\n{result.get('error')}"
     single = train(scenario, 0, 1)
     for key in single:
         assert_same(ranks[1][key], ranks[0][key], exact=True, what=f"rank 1 vs rank 0 {key}")
         assert_same(ranks[0][key], single[key], exact=False, what=f"2 ranks vs 1 process {key}")
     if scenario == "ddp_sparse":
         assert "0.values" in single["state"] and "0.weight" not in single["state"]
+    if scenario == "fsdp2_sparse":
+        assert "0.values" in single["state"]
     if scenario.startswith("ddp_pruner"):
         mask = single["masks"]["0"]
         assert 0.45 < 1 - mask.float().mean().item() < 0.55  # the schedule's 50% was reached
