@@ -48,6 +48,20 @@ class SelfAttention(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
+class ConvBlock(nn.Module):  # [B, S, D] as a [B, D, S, 1] image through a Conv2d
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+
+
+class AbsConv(nn.Conv2d):  # a Conv2d subclass computing something else: must be skipped
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, weight.abs(), bias)
+
+
 class Chain(nn.Module):
     def __init__(self, layers):
         super().__init__()
@@ -63,7 +77,8 @@ class Chain(nn.Module):
 def module_trees(draw, depth=0):
     """A Chain of random layers; `pool` collects every Linear built, for sharing and tying."""
     pool = draw(st.shared(st.builds(list), key="pool"))
-    kinds = ["linear", "marked", "doubled", "reads", "mha", "tel", "relu", "shared", "tied"]
+    kinds = ["linear", "marked", "doubled", "reads", "mha", "tel", "relu", "shared", "tied",
+             "conv", "absconv"]
     if depth < 2:
         kinds.append("nested")
     layers = []
@@ -85,6 +100,10 @@ def module_trees(draw, depth=0):
                                                norm_first=draw(st.booleans()))
         elif kind == "relu":
             layer = nn.ReLU()
+        elif kind in ("conv", "absconv"):
+            kind_cls = nn.Conv2d if kind == "conv" else AbsConv
+            layer = ConvBlock(kind_cls(D, D, (draw(st.sampled_from([1, 3])), 1), padding="same",
+                                       bias=draw(st.booleans())))
         elif kind == "shared":
             layer = pool[draw(st.integers(0, len(pool) - 1))]
         elif kind == "tied":
@@ -106,12 +125,19 @@ def masked_dense(model, converted):
     with torch.no_grad():
         for name in converted:  # a shared or tied weight is masked again: nm is idempotent
             weight = ref.get_submodule(name).weight
-            weight.mul_(sk.masks.nm(weight, 2, 4))
+            if weight.dim() == 4:  # conv: N:M over input channels at each kernel position
+                flat = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+                keep = sk.masks.nm(flat, 2, 4).view(weight.shape[0], weight.shape[2],
+                                                    weight.shape[3], weight.shape[1])
+                weight.mul_(keep.permute(0, 3, 1, 2))
+            else:
+                weight.mul_(sk.masks.nm(weight, 2, 4))
     return ref
 
 
 def linear_names(model):
-    return {n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)}
+    return {n for n, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
 def state(model):
@@ -150,10 +176,10 @@ def test_fuzz_sparsify_converts_exactly_or_leaves_alone(tree, poison, train):
     assert not set(report.converted) & set(report.skipped)
     for name, why in report.skipped.items():
         layer = model.get_submodule(name)
-        assert isinstance(layer, nn.Linear) and why
+        assert isinstance(layer, (nn.Linear, nn.Conv2d)) and why
         assert torch.equal(layer.weight, original.get_submodule(name).weight)  # untouched
     for name in report.converted:
-        assert isinstance(model.get_submodule(name), sk.SparseLinear)
+        assert isinstance(model.get_submodule(name), (sk.SparseLinear, sk.SparseConv2d))
     # tied weights stay tied: the layers that shared one weight now share one module
     by_weight = {}
     for name in report.converted:
