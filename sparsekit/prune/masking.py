@@ -88,6 +88,27 @@ def _check(module, name, mask):
     return weight
 
 
+def _register_keeping_identity(module: nn.Module, name: str, mask: _BoolMask) -> None:
+    """register_parametrization, but the weight Parameter keeps its autograd identity.
+
+    register_parametrization calls original.set_(original), which gives the Parameter a new
+    gradient accumulator node. DistributedDataParallel hooks the node it saw when it was
+    built, so it would never see the weight's gradient again ("parameters that were not
+    used"). Registering on an alias (same storage) and putting the Parameter itself back
+    avoids the set_ on it."""
+    original = module._parameters.get(name)
+    if type(original) is not nn.Parameter:
+        parametrize.register_parametrization(module, name, mask)
+        return
+    module._parameters[name] = nn.Parameter(original.detach(), requires_grad=original.requires_grad)
+    try:
+        parametrize.register_parametrization(module, name, mask)
+    except BaseException:
+        module._parameters[name] = original
+        raise
+    module.parametrizations[name].original = original
+
+
 def attach_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | None = None) -> None:
     """Attaches (or replaces) the bool mask of `module.<name>`; None keeps everything."""
     weight = _check(module, name, mask)
@@ -98,7 +119,7 @@ def attach_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | No
         get_mask(module, name).copy_(mask)
     else:
         fused = _takes_fused_forward(module, name)
-        parametrize.register_parametrization(module, name, _BoolMask(mask))
+        _register_keeping_identity(module, name, _BoolMask(mask))
         if fused:
             module.forward = types.MethodType(_masked_linear_forward, module)
 
@@ -117,4 +138,12 @@ def remove_mask(module: nn.Module, name: str = "weight") -> None:
     forward = module.__dict__.get("forward")
     if getattr(forward, "__func__", None) is _masked_linear_forward:
         del module.forward
-    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    chain = module.parametrizations[name]
+    if len(chain) == 1 and type(chain.original) is nn.Parameter:
+        # Bake in place, then unregister without leave_parametrized's set_ (see
+        # _register_keeping_identity): the Parameter keeps its gradient accumulator.
+        with torch.no_grad():
+            chain.original.copy_(getattr(module, name))
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    else:
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
