@@ -329,3 +329,18 @@ def test_distill_bad_input():
         sk.prune.distill(teacher, teacher, ids, steps=0, progress=False)
     with pytest.raises(ValueError, match="data"):
         sk.prune.distill(teacher, teacher, torch.zeros(0, 8, dtype=torch.long), progress=False)
+
+
+def test_errors_false_same_masks_fewer_statistics():
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    for method in ("wanda", "magnitude"):
+        a, b = _Stack(), _Stack()
+        b.load_state_dict(a.state_dict())
+        calls = []
+        b.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+        ra = oneshot(a, x, method=method, pattern="2:4", progress=False)
+        rb = oneshot(b, x, method=method, pattern="2:4", errors=False, progress=False)
+        assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
+        assert all(math.isnan(r.error) for r in rb.layers) and not math.isnan(ra.mean_error)
+        assert (len(calls) == 0) == (method == "magnitude")  # magnitude never runs the model

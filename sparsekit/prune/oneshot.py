@@ -249,10 +249,12 @@ def _inputs_2d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Stats:
-    """XXᵀ of one layer input (shared by the layers that read the same tensor), summed."""
+    """XXᵀ of one layer input (shared by the layers that read the same tensor), summed; or
+    only its diagonal, the squared input norms (``full=False``: Wanda without errors)."""
 
-    def __init__(self, k: int):
-        self.xxt = torch.zeros(k, k, dtype=torch.float32)
+    def __init__(self, k: int, full: bool = True):
+        self.xxt = torch.zeros(k, k, dtype=torch.float32) if full else None
+        self.sq = torch.zeros(k, dtype=torch.float32)
         self.count = 0
         self.last = None  # the tensor last added: layers reading it again add nothing
 
@@ -261,20 +263,27 @@ class _Stats:
             return
         self.last = x
         x2 = _inputs_2d(layer, x)
-        self.xxt.addmm_(x2.t(), x2)
+        if self.xxt is not None:
+            self.xxt.addmm_(x2.t(), x2)
+        else:
+            self.sq += x2.pow(2).sum(0)
         self.count += x2.shape[0]
 
+    def input_norms(self) -> torch.Tensor:
+        sq = torch.diagonal(self.xxt) if self.xxt is not None else self.sq
+        return sq.clamp_min(0).sqrt()
 
-def _prune_layer(name: str, layer: nn.Module, stats: _Stats, method: str, n, m, sparsity,
+
+def _prune_layer(name: str, layer: nn.Module, stats: _Stats | None, method: str, n, m, sparsity,
                  blocksize: int, damp: float) -> LayerReport:
     start = time.perf_counter()
     w = _weight_2d(layer).to(torch.float32, copy=True)  # the dense weight, kept for the error
-    xxt = stats.xxt
+    xxt = stats.xxt if stats is not None else None
     if method == "sparsegpt":
         new = sparsegpt_prune(w, xxt * (2.0 / max(stats.count, 1)), n, m, sparsity, blocksize, damp)
     else:
         if method == "wanda":
-            keep = wanda_mask(w, torch.diagonal(xxt).clamp_min(0).sqrt(), n, m, sparsity)
+            keep = wanda_mask(w, stats.input_norms(), n, m, sparsity)
         elif m is not None:
             keep = masks.nm(w, n, m)
         else:
@@ -282,11 +291,13 @@ def _prune_layer(name: str, layer: nn.Module, stats: _Stats, method: str, n, m, 
         new = w * keep
     _set_weight_2d(layer, new)
     seconds = time.perf_counter() - start
-    delta = (w - new).double()
-    xxt64 = xxt.double()
-    ref = torch.sum((w.double() @ xxt64) * w.double()).clamp_min(0).sqrt()
-    err = torch.sum((delta @ xxt64) * delta).clamp_min(0).sqrt()
-    rel = float(err / ref) if ref > 0 else 0.0
+    rel = math.nan
+    if xxt is not None:
+        delta = (w - new).double()
+        xxt64 = xxt.double()
+        ref = torch.sum((w.double() @ xxt64) * w.double()).clamp_min(0).sqrt()
+        err = torch.sum((delta @ xxt64) * delta).clamp_min(0).sqrt()
+        rel = float(err / ref) if ref > 0 else 0.0
     zeros = float((layer.weight == 0).float().mean())
     return LayerReport(name, tuple(layer.weight.shape), zeros, rel, seconds)
 
@@ -437,7 +448,8 @@ def _with_hidden(batch, hidden):
     return args, {**kwargs, key: hidden}
 
 
-def _stats_hooks(layers: dict[str, nn.Module], stats: dict[str, _Stats], stop_after: str | None = None):
+def _stats_hooks(layers: dict[str, nn.Module], stats: dict[str, _Stats], full: bool,
+                 stop_after: str | None = None):
     handles = []
     by_input: dict[int, _Stats] = {}
 
@@ -448,7 +460,7 @@ def _stats_hooks(layers: dict[str, nn.Module], stats: dict[str, _Stats], stop_af
             if st is None:  # first call: share the statistics of a layer that read this tensor
                 st = by_input.get(id(x))
                 if st is None or st.last is not x:
-                    st = _Stats(_weight_2d(layer).shape[1])
+                    st = _Stats(_weight_2d(layer).shape[1], full)
                     by_input[id(x)] = st
                 stats[name] = st
             st.add(layer, x)
@@ -469,7 +481,7 @@ def _release(stats: dict[str, _Stats]) -> None:
 @torch.no_grad()
 def oneshot(model: nn.Module, calibration, method: str = "sparsegpt", pattern: str | None = None,
             sparsity: float | None = None, include=None, exclude=None, blocks=None,
-            batch_size: int = 8, blocksize: int = 128, damp: float = 0.01,
+            batch_size: int = 8, blocksize: int = 128, damp: float = 0.01, errors: bool = True,
             convert: bool = False, progress: bool = True) -> OneShotReport:
     """Prunes every eligible nn.Linear / nn.Conv2d of `model` in place from calibration data,
     with SparseGPT, Wanda or magnitude, to an N:M `pattern` or an unstructured `sparsity`
@@ -489,6 +501,10 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt", pattern: s
             them (the ModuleList holding the most eligible layers), False for layer by layer.
         blocksize, damp: SparseGPT's column block and dampening (fraction of H's mean
             diagonal).
+        errors: report each layer's relative reconstruction error (gathers XXᵀ whatever
+            the method). False: Wanda gathers only its input norms, and magnitude on a
+            model with repeated blocks prunes without running the model at all (the
+            calibration is then only checked); the report's errors are NaN.
         progress: a tqdm progress bar.
 
     Returns a `OneShotReport`. Raises ValueError / TypeError naming the argument, with the
@@ -512,6 +528,7 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt", pattern: s
         raise ValueError("model has no eligible layer (nn.Linear / nn.Conv2d matching include "
                          f"and exclude, untied, wide enough): skipped {report.skipped or 'none found'}")
     found = _find_blocks(model, layers, blocks)
+    full = bool(errors) or method == "sparsegpt"
 
     start = time.perf_counter()
     was_training = model.training
@@ -521,44 +538,35 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt", pattern: s
     if use_cache is not None:
         config.use_cache = False  # no key/value cache objects among the captured inputs
     try:
-        # Everything that can fail on the user's input fails here, before a weight changes.
-        order: list[str] = []
-
-        def record(name):
-            def hook(module, args):
-                if name not in order:
-                    order.append(name)
-            return hook
-
-        handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
-        try:
-            _call(model, batches[0])
-        except Exception as err:
-            raise ValueError(f"calibration: the model cannot run its first batch "
-                             f"({type(err).__name__}: {err})") from err
-        finally:
-            for h in handles:
-                h.remove()
-        never = [name for name in layers if name not in order]
-        for name in never:
-            report.skipped[name] = "never ran on the calibration data"
-            del layers[name]
+        # Everything that can fail on the user's input fails before a weight changes: the
+        # first pass over the whole model (layer by layer), or the capture of the first
+        # block's inputs and the statistics pass of that block (block by block).
         if found is not None:
             block_name, block_list = found
-            outside = [name for name in layers if not name.startswith(block_name + ".")]
-            for name in outside:
+            report.blocks = block_name
+            for name in [name for name in layers if not name.startswith(block_name + ".")]:
                 report.skipped[name] = f"outside the repeated blocks {block_name}"
                 del layers[name]
-        if not layers:
-            raise ValueError("model has no eligible layer that runs on the calibration data "
-                             f"(skipped: {report.skipped})")
-        if found is not None:
-            report.blocks = block_name
-            _walk_blocks(model, block_list, block_name, layers, batches, report, method, n, m,
-                         sparsity, blocksize, damp, tqdm, progress)
+            if not layers:
+                raise ValueError(f"model has no eligible layer inside its blocks {block_name!r} "
+                                 f"(skipped: {report.skipped})")
+            if method == "magnitude" and not errors:  # nothing to gather: no model call
+                for name, layer in tqdm(layers.items(), desc="oneshot magnitude", disable=not progress):
+                    report.layers.append(_prune_layer(name, layer, None, method, n, m, sparsity,
+                                                      blocksize, damp))
+            else:
+                _walk_blocks(model, block_list, block_name, layers, batches, report, method, n, m,
+                             sparsity, blocksize, damp, full, tqdm, progress)
         else:
-            _walk_layers(model, [name for name in order if name in layers], layers, batches,
-                         report, method, n, m, sparsity, blocksize, damp, tqdm, progress)
+            order = _first_pass(model, layers, batches[0])
+            for name in [name for name in layers if name not in order]:
+                report.skipped[name] = "never ran on the calibration data"
+                del layers[name]
+            if not layers:
+                raise ValueError("model has no eligible layer that runs on the calibration data "
+                                 f"(skipped: {report.skipped})")
+            _walk_layers(model, order, layers, batches, report, method, n, m, sparsity,
+                         blocksize, damp, full, tqdm, progress)
     finally:
         if use_cache is not None:
             config.use_cache = use_cache
@@ -569,8 +577,33 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt", pattern: s
     return report
 
 
+def _user_error(err: Exception, what: str) -> ValueError:
+    return ValueError(f"calibration: the model cannot run {what} ({type(err).__name__}: {err})")
+
+
+def _first_pass(model, layers, batch) -> list[str]:
+    """Runs the model on one batch: the eligible layers in the order they first run."""
+    order: list[str] = []
+
+    def record(name):
+        def hook(module, args):
+            if name not in order:
+                order.append(name)
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
+    try:
+        _call(model, batch)
+    except Exception as err:
+        raise _user_error(err, "its first batch") from err
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
 def _walk_blocks(model, block_list, block_name, layers, batches, report, method, n, m, sparsity,
-                 blocksize, damp, tqdm, progress):
+                 blocksize, damp, full, tqdm, progress):
     first = block_list[0]
     captured: list[tuple[tuple, dict]] = []
 
@@ -580,11 +613,13 @@ def _walk_blocks(model, block_list, block_name, layers, batches, report, method,
 
     handle = first.register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
             try:
                 _call(model, batch)
             except _Stop:
                 pass
+            except Exception as err:
+                raise _user_error(err, f"calibration batch {i}") from err
     finally:
         handle.remove()
     if len(captured) != len(batches):
@@ -597,29 +632,38 @@ def _walk_blocks(model, block_list, block_name, layers, batches, report, method,
         mine = {name: layer for name, layer in layers.items() if name.startswith(prefix)}
         if mine:
             stats: dict[str, _Stats] = {}
-            handles = _stats_hooks(mine, stats)
+            handles = _stats_hooks(mine, stats, full)
             try:
-                for batch in captured:
-                    _call(block, batch)
+                for j, batch in enumerate(captured):
+                    try:
+                        _call(block, batch)
+                    except Exception as err:
+                        if i == 0:  # nothing pruned yet: the calibration is at fault
+                            raise _user_error(err, f"{block_name}[0] on calibration batch {j}") from err
+                        raise
                     _release(stats)
             finally:
                 for h in handles:
                     h.remove()
+            for name in [name for name in mine if name not in stats]:
+                report.skipped[name] = "never ran on the calibration data"
+                del mine[name]
             for name, layer in mine.items():
                 report.layers.append(_prune_layer(name, layer, stats[name], method, n, m,
                                                   sparsity, blocksize, damp))
             del stats
-            bar.set_postfix(error=f"{sum(r.error for r in report.layers[-len(mine):]) / len(mine):.4f}")
+            if mine:
+                bar.set_postfix(error=f"{sum(r.error for r in report.layers[-len(mine):]) / len(mine):.4f}")
         if i + 1 < len(block_list):
             captured = [_with_hidden(batch, _first_tensor(_call(block, batch))) for batch in captured]
 
 
 def _walk_layers(model, order, layers, batches, report, method, n, m, sparsity, blocksize, damp,
-                 tqdm, progress):
+                 full, tqdm, progress):
     for name in tqdm(order, desc=f"oneshot {method}", disable=not progress):
         layer = layers[name]
         stats: dict[str, _Stats] = {}
-        handles = _stats_hooks({name: layer}, stats, stop_after=name)
+        handles = _stats_hooks({name: layer}, stats, full, stop_after=name)
         try:
             for batch in batches:
                 try:
