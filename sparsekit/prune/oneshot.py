@@ -154,6 +154,18 @@ def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, n: int | None = None
     else:
         raise RuntimeError("SparseGPT: the Hessian stays singular after dampening x1e5")
     del h, hd, chol
+    # The column loop is thousands of small ops: on one thread it runs ~20x faster here
+    # than on two whose OpenMP barriers wait for each other under load.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _sparsegpt_columns(w, hinv, n, m, sparsity, blocksize)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sparsegpt_columns(w, hinv, n, m, sparsity, blocksize):
+    rows, cols = w.shape
     total_pruned = round(sparsity * rows * cols) if sparsity is not None else 0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
