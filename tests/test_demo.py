@@ -27,7 +27,7 @@ def test_tour_runs_and_reports_true_numbers(tmp_path, capsys):
 
 def test_digits_demo_short_run_writes_table_results_and_figure(tmp_path, capsys):
     pytest.importorskip("sklearn", reason="the digits demo needs scikit-learn (make test installs it)")
-    assert main(["demo", "--out", str(tmp_path), "--epochs", "3", "--finetune", "2"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "3", "--finetune", "2", "--no-llm"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {r["model"]: r for r in results["rows"]}
     assert set(rows) == {"dense", "2:4 fine-tuned", "slimmed", "80% unstructured"}
@@ -49,3 +49,23 @@ def test_digits_demo_short_run_writes_table_results_and_figure(tmp_path, capsys)
 def test_info_prints_build_info(capsys):
     assert main(["info"]) == 0
     assert '"extension_loaded": true' in capsys.readouterr().out
+
+
+def test_llm_demo_short_run(tmp_path, capsys):
+    from sparsekit import lm
+
+    reason = lm.available()
+    if reason is not None:
+        pytest.skip(f"SmolLM2-135M not available: {reason}")
+    from sparsekit.llm_demo import run
+
+    results = run(str(tmp_path), calibration_blocks=2, calibration_length=64, eval_blocks=1,
+                  eval_length=128, new_tokens=4, repeats=1)
+    saved = json.loads((tmp_path / "llm_results.json").read_text())
+    assert saved["perplexity"] == pytest.approx(results["perplexity"])
+    ppl = results["perplexity"]
+    assert set(ppl) == {"dense", "magnitude 2:4", "SparseGPT 2:4"}
+    assert ppl["dense"] < ppl["SparseGPT 2:4"] < ppl["magnitude 2:4"]
+    assert results["weight_bytes"]["2:4"] < 0.6 * results["weight_bytes"]["dense"]
+    assert set(results["completions"]) == {"dense", "magnitude 2:4", "SparseGPT 2:4"}
+    assert "decode" in capsys.readouterr().out
