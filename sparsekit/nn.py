@@ -1,4 +1,6 @@
 """Drop-in sparse layers: `SparseLinear` keeps an N:M weight compressed and multiplies on it.
+With pattern="unstructured" it keeps any pattern of zeros in the bitmask format
+(sparsekit.bitmask) instead.
 
     layer = SparseLinear.from_dense(torch.nn.Linear(4096, 4096), pattern="2:4")
     y = layer(x)                      # sparsekit.ops.nm_linear: C++ kernels on the CPU
@@ -15,10 +17,13 @@ import torch
 from torch import nn
 
 from . import masks, ops
+from .bitmask import compress_bitmask
 from .format import compress, parse_pattern
 from .reference import index_bits
 
 __all__ = ["SparseLinear", "SparseConv2d"]
+
+UNSTRUCTURED = "unstructured"
 
 
 class SparseLinear(nn.Module):
@@ -27,17 +32,31 @@ class SparseLinear(nn.Module):
     Parameters: `values` [out_features, ceil(in/M)*N] (the kept weights, trainable) and
     `bias`; buffer: `metadata` (uint8, the canonical format of DESIGN.md). A fresh module
     holds the lowest N indices of every group with zero values; use `from_dense`.
+
+    pattern="unstructured": W keeps any set of nonzeros in the bitmask format
+    (sparsekit.bitmask): `values` [nnz] is the trainable Parameter, `mask` (int16
+    [out_features, ceil(in/16)]) and `offsets` (int64 [out_features + 1]) are buffers, and
+    the product runs as sparsekit.ops.bitmask_linear. A fresh module keeps nothing (nnz = 0);
+    loading a state_dict takes its nnz.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  pattern: str = "2:4", device=None, dtype=None):
         super().__init__()
-        n, m = parse_pattern(pattern)
+        self.unstructured = pattern == UNSTRUCTURED
+        n, m = (0, 0) if self.unstructured else parse_pattern(pattern)
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
         factory = {"device": device, "dtype": dtype}
+        if self.unstructured:
+            empty = compress_bitmask(torch.zeros(out_features, in_features, **factory))
+            self.values = nn.Parameter(empty.values)
+            self.register_buffer("mask", empty.mask)
+            self.register_buffer("offsets", empty.offsets)
+            self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+            return
         groups = -(-in_features // m)
         self.values = nn.Parameter(torch.zeros(out_features, groups * n, **factory))
         empty = compress(torch.zeros(out_features, in_features, **factory), n, m)
@@ -46,15 +65,20 @@ class SparseLinear(nn.Module):
 
     @property
     def pattern(self) -> str:
-        return f"{self.n}:{self.m}"
+        return UNSTRUCTURED if self.unstructured else f"{self.n}:{self.m}"
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, pattern: str = "2:4", scores: torch.Tensor | None = None,
                    mask: torch.Tensor | None = None) -> "SparseLinear":
         """Prunes `linear.weight` to N:M (the n largest |w|, or `scores`, in every m along
-        in_features; or an explicit N:M bool `mask`) and compresses it."""
+        in_features; or an explicit N:M bool `mask`) and compresses it.
+
+        pattern="unstructured" prunes nothing: it stores the nonzeros of the weight (of
+        weight * `mask` when a bool mask is given, e.g. from sparsekit.masks.magnitude)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        if pattern == UNSTRUCTURED:
+            return cls._from_dense_unstructured(linear, scores, mask)
         n, m = parse_pattern(pattern)
         w = linear.weight.detach()
         if mask is None:
@@ -74,8 +98,28 @@ class SparseLinear(nn.Module):
                 layer.bias.copy_(linear.bias.detach())
         return layer
 
+    @classmethod
+    def _from_dense_unstructured(cls, linear, scores, mask) -> "SparseLinear":
+        if scores is not None:
+            raise ValueError("scores select N:M groups; pattern='unstructured' keeps the "
+                             "weight's nonzeros (prune first, e.g. sparsekit.masks.magnitude, "
+                             "or pass mask=)")
+        w = linear.weight.detach()
+        t = compress_bitmask(w, mask)  # checks the mask's dtype and shape, and NaN
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    UNSTRUCTURED, device=w.device, dtype=w.dtype)
+        layer.values = nn.Parameter(t.values)
+        layer.mask, layer.offsets = t.mask, t.offsets
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
     def dense_weight(self) -> torch.Tensor:
         """The dense [out_features, in_features] weight (a new tensor, not a view)."""
+        if self.unstructured:
+            return ops.bitmask_decompress(self.values.detach(), self.mask, self.offsets,
+                                          self.in_features)
         return ops.nm_decompress(self.values.detach(), self.metadata, self.in_features,
                                  self.n, self.m)
 
@@ -91,12 +135,18 @@ class SparseLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unstructured:
+            return ops.bitmask_linear(x, self.values, self.mask, self.offsets, self.bias,
+                                      self.in_features)
         return ops.nm_linear(x, self.values, self.metadata, self.bias, self.in_features,
                              self.n, self.m)
 
     @property
     def weight_nbytes(self) -> int:
-        """Bytes of the compressed weight (values + metadata)."""
+        """Bytes of the compressed weight (values + metadata; unstructured: values + mask +
+        offsets)."""
+        if self.unstructured:
+            return self.values.nbytes + self.mask.nbytes + self.offsets.nbytes
         return self.values.nbytes + self.metadata.nbytes
 
     @property
@@ -127,6 +177,9 @@ class SparseLinear(nn.Module):
         extra = state_dict.get(prefix + "_extra_state")
         if extra is not None:
             self.set_extra_state(extra)
+        if self.unstructured:
+            self._adopt_unstructured_shapes(state_dict, prefix)
+            return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         meta = state_dict.get(prefix + "metadata")
         if meta is not None:
             groups = -(-self.in_features // self.m)
@@ -135,6 +188,23 @@ class SparseLinear(nn.Module):
                 raise ValueError(f"{prefix}metadata must be uint8 of shape {expected}, got "
                                  f"{meta.dtype} {tuple(meta.shape)}")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _adopt_unstructured_shapes(self, state_dict, prefix):
+        # nnz belongs to the weight, not to the module's shape: take the incoming one, after
+        # checking that the triple is consistent (bitmask_decompress validates every row).
+        values = state_dict.get(prefix + "values")
+        mask = state_dict.get(prefix + "mask")
+        offsets = state_dict.get(prefix + "offsets")
+        if values is None or mask is None or offsets is None:
+            return  # load_state_dict reports the missing keys
+        expected = (self.out_features, -(-self.in_features // 16))
+        if mask.dtype != torch.int16 or tuple(mask.shape) != expected:
+            raise ValueError(f"{prefix}mask must be int16 of shape {expected}, got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+        ops.bitmask_decompress(values.detach().cpu(), mask.cpu(), offsets.cpu(), self.in_features)
+        if values.shape != self.values.shape:
+            self.values = nn.Parameter(self.values.new_empty(values.shape),
+                                       requires_grad=self.values.requires_grad)
 
 
 def _pair(v, name):
