@@ -25,12 +25,35 @@ inline uint16_t bitmask_tail_bits(int64_t k) {
   return rem == 0 ? uint16_t{0xFFFF} : static_cast<uint16_t>((1u << rem) - 1u);
 }
 
+// Portable popcount (the baseline x86-64 target has no popcnt instruction, and
+// __builtin_popcount then calls a library routine).
+inline int bitmask_popcount64(uint64_t x) {
+  x = x - ((x >> 1) & 0x5555555555555555ull);
+  x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+  x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0Full;
+  return static_cast<int>((x * 0x0101010101010101ull) >> 56);
+}
+
+// Bits set in mask_row[0, chunks), four words at a time; `popcount` counts a uint64.
+template <typename Popcount>
+inline int64_t bitmask_row_bits(const uint16_t* mask_row, int64_t chunks, Popcount popcount) {
+  int64_t total = 0, c = 0;
+  for (; c + 4 <= chunks; c += 4) {
+    uint64_t w;
+    __builtin_memcpy(&w, mask_row + c, sizeof(w));
+    total += popcount(w);
+  }
+  for (; c < chunks; ++c) total += popcount(static_cast<uint64_t>(mask_row[c]));
+  return total;
+}
+
 // True when row `mask_row` holds exactly `count` bits and none past k: the invariant that
 // keeps every kernel's reads of values inside the row's range.
-inline bool bitmask_row_ok(const uint16_t* mask_row, int64_t chunks, uint16_t tail, int64_t count) {
-  int64_t total = 0;
-  for (int64_t c = 0; c < chunks; ++c) total += __builtin_popcount(mask_row[c]);
-  return total == count && (chunks == 0 || (mask_row[chunks - 1] & ~tail) == 0);
+template <typename Popcount>
+inline bool bitmask_row_ok(const uint16_t* mask_row, int64_t chunks, uint16_t tail, int64_t count,
+                           Popcount popcount) {
+  return bitmask_row_bits(mask_row, chunks, popcount) == count &&
+         (chunks == 0 || (mask_row[chunks - 1] & ~tail) == 0);
 }
 
 inline float bitmask_bf16_to_float(uint16_t h) {
@@ -71,8 +94,13 @@ constexpr int kBitmaskSmallBatch = 8;  // rows of x the row-major forward handle
 using BitmaskKernel = void (*)(const BitmaskArgs&, int64_t r0, int64_t r1, float* scratch);
 inline int64_t bitmask_scratch_floats(int64_t chunks) { return 2 * (chunks * kChunk + 32); }
 
+// The first row in [r0, r1) whose mask disagrees with its offsets (or has bits past k),
+// else -1. Runs before any kernel reads those rows.
+using BitmaskCheck = int64_t (*)(const BitmaskArgs&, int64_t r0, int64_t r1, uint16_t tail);
+
 struct BitmaskKernels {
   const char* isa;
+  BitmaskCheck first_bad_row;
   BitmaskKernel forward_small;  // row-major x, 1..kBitmaskSmallBatch rows
   BitmaskKernel forward;        // xT -> yT
   BitmaskKernel grad_input;     // gyT -> gxT (+=)

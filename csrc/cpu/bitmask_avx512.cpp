@@ -22,6 +22,16 @@ namespace sparsekit {
 namespace bitmask_avx512 {
 namespace {
 
+int64_t first_bad_row(const BitmaskArgs& a, int64_t r0, int64_t r1, uint16_t tail) {
+  const auto popcount = [](uint64_t w) { return static_cast<int>(_mm_popcnt_u64(w)); };
+  for (int64_t r = r0; r < r1; ++r) {
+    if (!bitmask_row_ok(a.mask + r * a.chunks, a.chunks, tail, a.offsets[r + 1] - a.offsets[r], popcount)) {
+      return r;
+    }
+  }
+  return -1;
+}
+
 template <bool BF16>
 inline __m512 expand_chunk(uint16_t m, const void* p) {
   if constexpr (BF16) {
@@ -233,7 +243,7 @@ void sddmm(const BitmaskArgs& a, int64_t r0, int64_t r1, float* scratch) {
 }  // namespace bitmask_avx512
 
 const BitmaskKernels& bitmask_kernels_avx512() {
-  static const BitmaskKernels k{"avx512", bitmask_avx512::forward_small, bitmask_avx512::forward,
+  static const BitmaskKernels k{"avx512", bitmask_avx512::first_bad_row, bitmask_avx512::forward_small, bitmask_avx512::forward,
                                 bitmask_avx512::grad_input, bitmask_avx512::sddmm};
   return k;
 }

@@ -87,32 +87,40 @@ Layout check_triple(const at::Tensor& values, const at::Tensor& mask, const at::
   return Layout{rows, k, chunks, bitmask_tail_bits(k)};
 }
 
-void check_rows(const Layout& L, const uint16_t* mask, const int64_t* off, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    if (!bitmask_row_ok(mask + r * L.chunks, L.chunks, L.tail, off[r + 1] - off[r])) {
-      int64_t bits = 0;
-      for (int64_t c = 0; c < L.chunks; ++c) bits += __builtin_popcount(mask[r * L.chunks + c]);
-      TORCH_CHECK_VALUE(false, "mask and offsets disagree at row ", r, ": the mask holds ", bits,
-                        " bits", (L.chunks > 0 && (mask[r * L.chunks + L.chunks - 1] & ~L.tail))
-                                     ? " (some past k)" : "",
-                        ", offsets give ", off[r + 1] - off[r], " values");
-    }
-  }
+[[noreturn]] void raise_bad_row(const Layout& L, const uint16_t* mask, const int64_t* off, int64_t r) {
+  const uint16_t* row = mask + r * L.chunks;
+  const int64_t bits = bitmask_row_bits(row, L.chunks, bitmask_popcount64);
+  const bool past_k = L.chunks > 0 && (row[L.chunks - 1] & ~L.tail) != 0;
+  TORCH_CHECK_VALUE(false, "mask and offsets disagree at row ", r, ": the mask holds ", bits,
+                    " bits", past_k ? " (some past k)" : "", ", offsets give ",
+                    off[r + 1] - off[r], " values");
+  __builtin_unreachable();
+}
+
+// Raises for the first inconsistent row of [r0, r1).
+void check_rows(const BitmaskKernels& kern, const Layout& L, const BitmaskArgs& a, int64_t r0,
+                int64_t r1) {
+  const int64_t bad = kern.first_bad_row(a, r0, r1, L.tail);
+  if (bad >= 0) raise_bad_row(L, a.mask, a.offsets, bad);
 }
 
 void check_all_rows(const Layout& L, const at::Tensor& mask, const at::Tensor& offsets) {
-  const uint16_t* mk = reinterpret_cast<const uint16_t*>(mask.const_data_ptr<int16_t>());
-  const int64_t* off = offsets.const_data_ptr<int64_t>();
-  at::parallel_for(0, L.rows, 256, [&](int64_t r0, int64_t r1) { check_rows(L, mk, off, r0, r1); });
+  BitmaskArgs a{};
+  a.mask = reinterpret_cast<const uint16_t*>(mask.const_data_ptr<int16_t>());
+  a.offsets = offsets.const_data_ptr<int64_t>();
+  a.chunks = L.chunks;
+  const BitmaskKernels& kern = kernels();
+  at::parallel_for(0, L.rows, 256, [&](int64_t r0, int64_t r1) { check_rows(kern, L, a, r0, r1); });
 }
 
 // Runs `kernel` over all rows on torch's pool, checking each block of rows first.
 void run_rows(const Layout& L, BitmaskArgs a, BitmaskKernel kernel, bool scratch) {
+  const BitmaskKernels& kern = kernels();
   at::parallel_for(0, L.rows, kCheckBlock, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(scratch ? bitmask_scratch_floats(L.chunks) : 0);
     for (int64_t b0 = r0; b0 < r1; b0 += kCheckBlock) {
       const int64_t b1 = std::min(b0 + kCheckBlock, r1);
-      check_rows(L, a.mask, a.offsets, b0, b1);
+      check_rows(kern, L, a, b0, b1);
       kernel(a, b0, b1, buf.data());
     }
   });
@@ -151,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bitmask_compress_cpu(const at::Te
           const int64_t hi = std::min<int64_t>(kChunk, k - c * kChunk);
           for (int64_t j = 0; j < hi; ++j) word |= static_cast<uint32_t>(kept_bits(src[r * k + c * kChunk + j])) << j;
           mk[r * chunks + c] = static_cast<uint16_t>(word);
-          count += __builtin_popcount(word);
+          count += bitmask_popcount64(word);
         }
         off[r + 1] = count;
       }
@@ -339,7 +347,7 @@ at::Tensor bitmask_linear_grad_input_cpu(const at::Tensor& grad_out, const at::T
         const int64_t r0 = L.rows * t / threads, r1 = L.rows * (t + 1) / threads;
         for (int64_t b = r0; b < r1; b += kCheckBlock) {
           const int64_t e = std::min(b + kCheckBlock, r1);
-          check_rows(L, at.mask, at.offsets, b, e);
+          check_rows(kern, L, at, b, e);
           kern.grad_input(at, b, e, buf.data());
         }
       }

@@ -25,6 +25,16 @@ inline void for_each_kept(const BitmaskArgs& a, int64_t r, F&& f) {
   }
 }
 
+int64_t first_bad_row(const BitmaskArgs& a, int64_t r0, int64_t r1, uint16_t tail) {
+  for (int64_t r = r0; r < r1; ++r) {
+    if (!bitmask_row_ok(a.mask + r * a.chunks, a.chunks, tail, a.offsets[r + 1] - a.offsets[r],
+                        bitmask_popcount64)) {
+      return r;
+    }
+  }
+  return -1;
+}
+
 void forward_small(const BitmaskArgs& a, int64_t r0, int64_t r1, float*) {
   for (int64_t r = r0; r < r1; ++r) {
     float acc[kBitmaskSmallBatch] = {};
@@ -77,7 +87,7 @@ void sddmm(const BitmaskArgs& a, int64_t r0, int64_t r1, float*) {
 }  // namespace bitmask_scalar
 
 const BitmaskKernels& bitmask_kernels_scalar() {
-  static const BitmaskKernels k{"scalar", bitmask_scalar::forward_small, bitmask_scalar::forward,
+  static const BitmaskKernels k{"scalar", bitmask_scalar::first_bad_row, bitmask_scalar::forward_small, bitmask_scalar::forward,
                                 bitmask_scalar::grad_input, bitmask_scalar::sddmm};
   return k;
 }
