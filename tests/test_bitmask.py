@@ -380,3 +380,22 @@ def test_sparsify_unstructured_model():
     assert report.weight_bytes_after < 0.3 * report.weight_bytes_before  # small: offsets count
     sk.densify(model)
     assert torch.allclose(model(x), ref, atol=1e-5)
+
+
+def test_pruner_finalize_unstructured_and_conv():
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(16 * 6 * 6, 10))
+    pruner = sk.prune.Pruner(model, sk.prune.linear(0.0, 0.9, steps=3))
+    for _ in range(4):
+        pruner.step()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    report = pruner.finalize(pattern="unstructured")
+    assert sorted(report.converted) == ["0", "3"]
+    assert isinstance(model[0], sk.SparseConv2d) and model[0].pattern == "unstructured"
+    assert isinstance(model[3], sk.SparseLinear) and model[3].pattern == "unstructured"
+    assert model[3].values.numel() == pytest.approx(0.1 * 16 * 6 * 6 * 10, abs=1)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-5)
