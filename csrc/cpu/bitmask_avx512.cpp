@@ -16,7 +16,7 @@
 #include <immintrin.h>
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,popcnt,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,popcnt,bmi2,fma")
 
 namespace sparsekit {
 namespace bitmask_avx512 {
@@ -38,7 +38,7 @@ int64_t first_bad_row(const BitmaskArgs& a, int64_t r0, int64_t r1, uint16_t tai
 // on some cores (AMD Zen 4) and many times slower.
 template <bool BF16>
 inline __m512 expand_chunk(uint16_t m, const void* p, unsigned count) {
-  const uint32_t low = (1u << count) - 1u;
+  const uint32_t low = _bzhi_u32(0xFFFFu, count);  // the low `count` bits
   if constexpr (BF16) {
     // Widened to 32-bit lanes before the expand: the 16-bit expand is the slower one.
     const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(static_cast<__mmask16>(low), p));
