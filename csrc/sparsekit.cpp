@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "sp24_layout.h"
+
 #ifndef SPARSEKIT_TORCH_VERSION
 #error "setup.py defines SPARSEKIT_TORCH_VERSION (the torch this extension is built against)"
 #endif
@@ -67,6 +69,11 @@ TORCH_LIBRARY(sparsekit, lib) {
   // sp24_linear multiplies on it (CUDA); sp24_emulate_linear replays the MMA fragment rules
   // on the CPU in float64, to check the layout without a GPU (staged: through the large-batch
   // kernel's shared-memory staging and ldmatrix, else the small-batch kernel's loads).
+  // (values, metadata) -> dense [rows, k] written into `out` (contiguous, values' dtype):
+  // the dense path of the layers' kernel choice reuses one scratch buffer with it.
+  lib.def(
+      "nm_decompress_into(Tensor values, Tensor metadata, int k, int n, int m, Tensor(a!) out) "
+      "-> ()");
   lib.def("sp24_pack(Tensor values, Tensor metadata, int k) -> (Tensor, Tensor)");
   lib.def(
       "sp24_linear(Tensor x, Tensor packed_values, Tensor packed_meta, Tensor? bias, int rows, "
@@ -82,6 +89,9 @@ bool spmm_set_isa(const std::string& isa);
 std::vector<std::string> spmm_compiled_isas();
 std::string bitmask_active_isa();
 bool bitmask_set_isa(const std::string& isa);
+#ifdef SPARSEKIT_WITH_CUDA
+const char* sp24_mma_instruction();  // csrc/cuda/sp24_linear.cu
+#endif
 }  // namespace sparsekit
 
 namespace {
@@ -101,11 +111,14 @@ py::dict build_info() {
   info["with_cuda"] = true;
   info["cuda_version"] = SPARSEKIT_CUDA_VERSION;
   info["cuda_arch_list"] = SPARSEKIT_CUDA_ARCH_LIST;
+  info["sp24_mma"] = sparsekit::sp24_mma_instruction();
 #else
   info["with_cuda"] = false;
   info["cuda_version"] = py::none();
   info["cuda_arch_list"] = py::none();
+  info["sp24_mma"] = py::none();
 #endif
+  info["sp24_small_max_batch"] = sparsekit::sp24::kSmallMaxBatch;
   // CPU product kernels compiled into this build, and the one that runs.
   info["cpu_isa_compiled"] = sparsekit::spmm_compiled_isas();
   info["cpu_isa_active"] = sparsekit::spmm_active_isa();
@@ -121,6 +134,9 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsekit compiled kernels; the ops live under torch.ops.sparsekit";
   m.def("build_info", &build_info, "How this extension was built (versions, kernels, ISAs).");
+  m.def("sp24_tiled_stages", &sparsekit::sp24::tiled::stages_for_smem,
+        "cp.async pipeline depth of the tiled 2:4 CUDA kernel on a GPU that allows this many "
+        "bytes of shared memory per block (0: the tiled kernel does not fit).");
   m.def(
       "set_cpu_isa",
       [](const std::string& isa) {

@@ -3,8 +3,15 @@ With pattern="unstructured" it keeps any pattern of zeros in the bitmask format
 (sparsekit.bitmask) instead.
 
     layer = SparseLinear.from_dense(torch.nn.Linear(4096, 4096), pattern="2:4")
-    y = layer(x)                      # sparsekit.ops.nm_linear: C++ kernels on the CPU
+    y = layer(x)                      # the sparse kernel or the dense path, whichever is faster
     layer.to_dense()                  # an equivalent torch.nn.Linear
+
+Each forward runs one of two candidates (sparsekit.dispatch): "sparse", sparsekit's N:M
+kernel on the compressed weight (sparsekit.ops.nm_linear), or "dense", the kept values
+decompressed into a reused scratch buffer and torch's own F.linear / F.conv2d. The choice
+is measured once per (shape, batch bucket, dtype, device) and cached; force it with
+`layer.kernel_choice = "sparse"` or `sparsekit.kernel_choice("dense")`, inspect it with
+`sparsekit.explain(layer, x)`.
 
 The kept values are the trainable Parameter (`values`); the index metadata is a buffer. A
 gradient exists for kept weights only, so pruned weights can never come back and weights,
@@ -13,10 +20,12 @@ gradients and optimizer state all stay at N/M of their dense size.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from . import masks, ops
+from . import dispatch, masks, ops
 from .bitmask import compress_bitmask
 from .format import compress, parse_pattern
 from .reference import index_bits
@@ -26,7 +35,19 @@ __all__ = ["SparseLinear", "SparseConv2d"]
 UNSTRUCTURED = "unstructured"
 
 
-class SparseLinear(nn.Module):
+def _nm_dense_weight(values, metadata, k, n, m, *inputs):
+    """The dense [rows, k] weight for a dense-path call: with autograd (grad enabled and any
+    of values / inputs requiring grad) a new differentiable tensor, since backward keeps
+    it; otherwise this thread's reused scratch buffer (sparsekit.dispatch.scratch)."""
+    if (torch.compiler.is_compiling() or values.device.type == "meta" or
+            (torch.is_grad_enabled() and
+             any(t is not None and t.requires_grad for t in (values, *inputs)))):
+        return ops.nm_decompress(values, metadata, k, n, m)
+    out = dispatch.scratch((values.shape[0], k), values.dtype, values.device)
+    return ops.nm_decompress_into(values, metadata, k, n, m, out)
+
+
+class SparseLinear(dispatch.ModuleChoice, nn.Module):
     """y = x @ W^T + b with W [out_features, in_features] N:M sparse along in_features.
 
     Parameters: `values` [out_features, ceil(in/M)*N] (the kept weights, trainable) and
@@ -56,6 +77,9 @@ class SparseLinear(nn.Module):
             self.register_buffer("mask", empty.mask)
             self.register_buffer("offsets", empty.offsets)
             self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+            self._kernel_descriptions = {
+                "sparse": "sparsekit bitmask kernel, ops.bitmask_linear",
+                "dense": "torch F.linear on the decompressed weight"}
             return
         groups = -(-in_features // m)
         self.values = nn.Parameter(torch.zeros(out_features, groups * n, **factory))
@@ -135,11 +159,47 @@ class SparseLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have in_features = {self.in_features} in its last dim, "
+                             f"got {tuple(x.shape)}")
+        return dispatch.run(self, self._kernel_key(x), self._kernel_candidates, (self, x))
+
+    def _kernel_key(self, x: torch.Tensor) -> tuple:
+        return dispatch.make_key("linear", self._format_key(), (self.out_features, self.in_features),
+                                 math.prod(x.shape[:-1]), x, self.values.dtype)
+
+    def _format_key(self) -> str:
+        """The format in kernel-choice keys. Unstructured layers add the kept fraction in
+        tenths ("bitmask@0.2": 15-25% kept), since the faster path depends on it."""
+        if not self.unstructured:
+            return f"nm{self.n}:{self.m}"
+        total = self.out_features * self.in_features
+        return f"bitmask@{round(10 * self.values.shape[0] / total) / 10:.1f}"
+
+    def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.unstructured:
             return ops.bitmask_linear(x, self.values, self.mask, self.offsets, self.bias,
                                       self.in_features)
         return ops.nm_linear(x, self.values, self.metadata, self.bias, self.in_features,
                              self.n, self.m)
+
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self._call_dense_weight(x), self.bias)
+
+    def _call_dense_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense weight for a dense-path call (N:M: see _nm_dense_weight; unstructured:
+        a new tensor per call, the bitmask format has no decompress-into)."""
+        if self.unstructured:
+            return ops.bitmask_decompress(self.values, self.mask, self.offsets, self.in_features)
+        return _nm_dense_weight(self.values, self.metadata, self.in_features, self.n, self.m,
+                                x, self.bias)
+
+    # The kernels dispatch.run chooses from, {name: fn(module, x)}. Called by method name,
+    # so a subclass (or another format's forward) that overrides a method is the one run.
+    _kernel_candidates = {"sparse": lambda self, x: self._sparse_forward(x),
+                          "dense": lambda self, x: self._dense_forward(x)}
+    _kernel_descriptions = {"sparse": "sparsekit N:M kernel, ops.nm_linear",
+                            "dense": "torch F.linear on the decompressed weight"}
 
     @property
     def weight_nbytes(self) -> int:
@@ -215,15 +275,16 @@ def _pair(v, name):
     raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
 
 
-class SparseConv2d(nn.Module):
+class SparseConv2d(dispatch.ModuleChoice, nn.Module):
     """2-D convolution with an N:M weight, groups of M along the reduction dim.
 
     The weight [out, C_in, kh, kw] is permuted to [out, kh, kw, C_in] and flattened to
     [out, K = kh*kw*C_in], so a group holds M consecutive input channels at one kernel
-    position (when C_in % M == 0; otherwise groups continue into the next position). The
-    product runs as sparsekit.ops.nm_linear: directly on channels-last pixels for 1x1
-    kernels, on unfolded patches otherwise. Supports stride, padding (ints or 'same'),
-    dilation and bias; groups=1 only.
+    position (when C_in % M == 0; otherwise groups continue into the next position). Two
+    candidates compute it (sparsekit.dispatch chooses per call): "sparse", the N:M product
+    sparsekit.ops.nm_linear, directly on channels-last pixels for 1x1 kernels, on unfolded
+    patches otherwise; "dense", the weight decompressed to [out, C_in, kh, kw] and torch's
+    F.conv2d. Supports stride, padding (ints or 'same'), dilation and bias; groups=1 only.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -322,21 +383,50 @@ class SparseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be [batch, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        return dispatch.run(self, self._kernel_key(x), self._kernel_candidates, (self, x))
+
+    def _kernel_key(self, x: torch.Tensor) -> tuple:
+        # The input's height and width are bucketed like the batch (powers of two).
+        shape = (self.out_channels, self.in_channels, *self.kernel_size, *self.stride,
+                 self.padding, *self.dilation, dispatch.batch_bucket(x.shape[2]),
+                 dispatch.batch_bucket(x.shape[3]))
+        return dispatch.make_key("conv2d", self.linear._format_key(), shape,
+                                 x.shape[0], x, self.values.dtype)
+
+    def _nm_product(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear._sparse_forward(x)  # N:M, or bitmask when unstructured
+
+    def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The sparse candidate: the N:M product on channels-last pixels (1x1) or on
+        unfolded patches."""
         padding = self.padding
         if padding == "same":
             x, padding = self._pad_same(x), (0, 0)
         if self.kernel_size == (1, 1) and self.stride == (1, 1) and padding == (0, 0):
             # 1x1: a direct N:M product over channels, pixels as the batch.
-            return self.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self._nm_product(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         batch, _, height, width = x.shape
         kh, kw = self.kernel_size
         out_h = (height + 2 * padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         out_w = (width + 2 * padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         cols = nn.functional.unfold(x, self.kernel_size, self.dilation, padding, self.stride)
         # unfold orders a patch (C, kh, kw); the weight is flattened (kh, kw, C).
-        cols = cols.view(batch, self.in_channels, kh * kw, -1).permute(0, 3, 2, 1)
-        y = self.linear(cols.reshape(batch, -1, self.reduction))  # [batch, L, out]
+        cols = cols.view(batch, self.in_channels, kh * kw, out_h * out_w).permute(0, 3, 2, 1)
+        y = self._nm_product(cols.reshape(batch, out_h * out_w, self.reduction))  # [batch, L, out]
         return y.transpose(1, 2).reshape(batch, self.out_channels, out_h, out_w)
+
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense candidate: the kept values decompressed (scratch buffer without
+        autograd), viewed as [out, C_in, kh, kw], and torch's F.conv2d."""
+        lin = self.linear
+        w = lin._call_dense_weight(x)
+        kh, kw = self.kernel_size
+        w = w.view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+        return nn.functional.conv2d(x, w, lin.bias, self.stride, self.padding, self.dilation)
+
+    _kernel_candidates = SparseLinear._kernel_candidates  # by name: _sparse/_dense_forward
+    _kernel_descriptions = {"sparse": "sparsekit N:M kernel, ops.nm_linear on pixels/patches",
+                            "dense": "torch F.conv2d on the decompressed weight"}
 
     @property
     def weight_nbytes(self) -> int:

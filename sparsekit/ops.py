@@ -21,11 +21,11 @@ import torch
 
 from . import _ext, reference
 
-__all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "nm_linear",
-           "nm_linear_grad_input", "nm_sddmm", "masked_linear", "masked_linear_grad_input",
-           "masked_linear_grad_weight", "explain", "registered_kernels", "set_cpu_isa",
-           "set_cuda_backend", "bitmask_compress", "bitmask_decompress", "bitmask_linear",
-           "bitmask_linear_grad_input", "bitmask_sddmm"]
+__all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "nm_decompress_into",
+           "nm_linear", "nm_linear_grad_input", "nm_sddmm", "masked_linear",
+           "masked_linear_grad_input", "masked_linear_grad_weight", "explain",
+           "registered_kernels", "set_cpu_isa", "set_cuda_backend", "bitmask_compress",
+           "bitmask_decompress", "bitmask_linear", "bitmask_linear_grad_input", "bitmask_sddmm"]
 
 NAMESPACE = "sparsekit"
 
@@ -59,6 +59,8 @@ SCHEMAS = {
 # Internal ops of a compiled build (no reference; csrc/sparsekit.cpp declares them too):
 # the 2:4 sparse tensor-core path. Used by the CUDA dispatch at the end of this module.
 INTERNAL_SCHEMAS = {
+    "nm_decompress_into": "nm_decompress_into(Tensor values, Tensor metadata, int k, int n, int m, "
+                          "Tensor(a!) out) -> ()",
     "sp24_pack": "sp24_pack(Tensor values, Tensor metadata, int k) -> (Tensor, Tensor)",
     "sp24_linear": "sp24_linear(Tensor x, Tensor packed_values, Tensor packed_meta, Tensor? bias, "
                    "int rows, int k) -> Tensor",
@@ -318,6 +320,30 @@ def nm_decompress(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, 
     return torch.ops.sparsekit.nm_decompress(values, metadata, k, n, m)
 
 
+# A compiled build has the in-place CPU kernel (an internal op, like sp24_*).
+_DECOMPRESS_INTO_CPU = (_schema_exists("nm_decompress_into") and
+                        torch._C._dispatch_has_kernel_for_dispatch_key(
+                            f"{NAMESPACE}::nm_decompress_into", "CPU"))
+
+if _schema_exists("nm_decompress_into"):
+    @torch.library.register_fake(f"{NAMESPACE}::nm_decompress_into")
+    def _nm_decompress_into_fake(values, metadata, k, n, m, out):
+        return None
+
+
+def nm_decompress_into(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, m: int,
+                       out: torch.Tensor) -> torch.Tensor:
+    """Writes the dense [rows, k] matrix into `out` (contiguous, the values' dtype and
+    device) and returns it: the compiled CPU kernel writes in place; other devices, or a
+    build without the extension, decompress and copy. Not differentiable (use
+    nm_decompress for gradients)."""
+    if _DECOMPRESS_INTO_CPU and values.device.type == "cpu":
+        torch.ops.sparsekit.nm_decompress_into(values, metadata, k, n, m, out)
+    else:
+        out.copy_(torch.ops.sparsekit.nm_decompress(values, metadata, k, n, m))
+    return out
+
+
 def _dispatch_key(device: torch.device) -> str:
     return {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device.type, device.type.upper())
 
@@ -337,12 +363,22 @@ def registered_kernels() -> dict[str, list[str]]:
 _EXPLAINERS: dict = {}
 
 
-def explain(op: str, *args) -> str:
+def explain(op, *args) -> str:
     """Says which implementation `torch.ops.sparsekit.<op>(*args)` would run, and why.
 
     >>> explain("nm_compress", torch.randn(8, 16))
     'sparsekit::nm_compress on cpu (float32): compiled CPU kernel (sparsekit._C)'
+
+    `op` may also be a sparse layer (SparseLinear, SparseConv2d): `explain(layer, x)` says
+    which kernel `layer(x)` runs (sparse or dense) and why (measured times, forced, or a
+    default); `explain(layer)` says it for the layer's last call. See sparsekit.dispatch.
     """
+    if isinstance(op, torch.nn.Module):
+        from . import dispatch
+
+        if len(args) > 1:
+            raise ValueError("explain(module, x): give at most one input x")
+        return dispatch.explain_module(op, *args)
     if op not in SCHEMAS:
         raise ValueError(f"op must be one of {sorted(SCHEMAS)}, got {op!r}")
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -622,21 +658,32 @@ def _triton_nm_reason(x, values, n, m) -> str | None:
 # The sparse tensor-core kernel checks itself once per GPU and dtype before the dispatcher
 # relies on it: a small 2:4 product through every kernel path (both small-batch variants,
 # the tiled kernel, split K, padded rows and K, bias) on integer inputs, whose result must
-# equal the float64 reference exactly. A GPU whose mma.sp reads the layout differently, or
-# one the extension was not built for, then costs speed (Triton runs), never correctness.
-_SP24_CHECKED: dict = {}  # (device, dtype) -> None (passed) or why it failed
+# equal the float64 reference exactly. Its two kernels are judged apart: calls with up to
+# _SP24_SMALL_MAX_BATCH rows of x run the small-batch kernel, larger ones the tiled kernel,
+# and a GPU where one of them fails (no kernel image, too little shared memory for the
+# tiled pipeline, a layout read differently) keeps the other. A failed path costs speed
+# (Triton runs those calls), never correctness.
+_SP24_SMALL_MAX_BATCH = 16  # = sp24::kSmallMaxBatch (csrc/sp24_layout.h; a test compares)
+_SP24_PATHS = ("small", "tiled")
+_SP24_CHECKED: dict = {}  # (device, dtype) -> {path: None (passed) or why it failed}
 
 
-def _sp24_self_check(device, dtype) -> str | None:
-    """None when sp24_linear reproduces the reference on `device` in `dtype`, else why not
-    (and a RuntimeWarning, once). Runs kernels and synchronises: never inside graph capture."""
+def _sp24_path(rows: int) -> str:
+    """The sparse tensor-core kernel a forward call with `rows` rows of x runs."""
+    return "small" if rows <= _SP24_SMALL_MAX_BATCH else "tiled"
+
+
+def _sp24_self_check(device, dtype) -> dict:
+    """{"small": why, "tiled": why}: None where that kernel of sp24_linear reproduces the
+    reference on `device` in `dtype`, else why not (and a RuntimeWarning, once). Runs
+    kernels and synchronises: never inside graph capture."""
     key = (torch.device(device), dtype)
     if key in _SP24_CHECKED:
         return _SP24_CHECKED[key]
     gen = torch.Generator().manual_seed(0)
     # 40 rows: 3 row tiles, the last partial. k = 1064: 34 K tiles (packed to 36), enough
     # for split K in both kernels. k = 91: K padded on chip and x copied to aligned rows.
-    rows, failures = 40, []
+    rows, failures = 40, {path: [] for path in _SP24_PATHS}
 
     def integers(*shape, low=-3):
         return torch.randint(low, 4, shape, generator=gen).to(torch.float64)
@@ -651,28 +698,40 @@ def _sp24_self_check(device, dtype) -> str | None:
         bias = integers(rows).to(device=device, dtype=dtype)
         try:
             packed_values, packed_meta = torch.ops.sparsekit.sp24_pack(values, metadata, k)
-            for batch in batches:
-                x64 = integers(batch, k)
+        except Exception as exc:  # e.g. no kernel image for this GPU: both paths fail
+            for path in _SP24_PATHS:
+                failures[path].append(f"packing: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            continue
+        for batch in batches:
+            path = _sp24_path(batch)
+            x64 = integers(batch, k)
+            try:
                 y = _sp24_linear(x64.to(device=device, dtype=dtype), packed_values, packed_meta,
                                  bias, rows, k)
-                want = reference.nm_linear(x64, values64, metadata.cpu(),
-                                           bias.cpu().to(torch.float64), k, 2, 4).to(dtype)
-                if not torch.equal(y.cpu(), want):
-                    err = (y.cpu().double() - want.double()).abs().max().item()
-                    failures.append(f"k={k}, batch {batch}: max error {err:g} where the result "
-                                    "must be exact")
-        except Exception as exc:  # e.g. no kernel image for this GPU
-            failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-    why = None
-    if failures:
-        why = ("the sparse tensor-core kernel failed its self-check on this GPU ("
-               + "; ".join(failures[:3]) + ")")
-        warnings.warn(f"sparsekit: {why}; 2:4 products on {key[0]} in "
-                      f"{str(dtype).replace('torch.', '')} run the Triton kernels instead. "
-                      "Please report this with sparsekit.build_info().", RuntimeWarning,
-                      stacklevel=3)
-    _SP24_CHECKED[key] = why
-    return why
+            except Exception as exc:  # e.g. the tiled pipeline's shared memory
+                failures[path].append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+                continue
+            want = reference.nm_linear(x64, values64, metadata.cpu(),
+                                       bias.cpu().to(torch.float64), k, 2, 4).to(dtype)
+            if not torch.equal(y.cpu(), want):
+                err = (y.cpu().double() - want.double()).abs().max().item()
+                failures[path].append(f"k={k}, batch {batch}: max error {err:g} where the "
+                                      "result must be exact")
+    result = {}
+    for path in _SP24_PATHS:
+        why = None
+        if failures[path]:
+            rows_of_x = (f"up to {_SP24_SMALL_MAX_BATCH}" if path == "small"
+                         else f"more than {_SP24_SMALL_MAX_BATCH}")
+            why = (f"the sparse tensor-core {path} kernel failed its self-check on this GPU ("
+                   + "; ".join(failures[path][:3]) + ")")
+            warnings.warn(f"sparsekit: {why}; 2:4 products with {rows_of_x} rows of x on "
+                          f"{key[0]} in {str(dtype).replace('torch.', '')} run the Triton "
+                          "kernels instead. Please report this with sparsekit.build_info().",
+                          RuntimeWarning, stacklevel=3)
+        result[path] = why
+    _SP24_CHECKED[key] = result
+    return result
 
 
 @functools.lru_cache(maxsize=None)
@@ -692,17 +751,22 @@ _CHOICES: dict = {}
 
 def _nm_choice(forward: bool, x, values, n, m) -> tuple[str, str]:
     """(backend, why) for one CUDA call."""
-    key = (forward, x.device, x.dtype, values.dtype, n, m, _cuda_backend)
+    # Forward calls go to one of two sparse tensor-core kernels by their rows of x, and a
+    # GPU may pass the self-check for one and not the other.
+    path = None
+    if forward:
+        path = _sp24_path(x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0)
+    key = (forward, path, x.device, x.dtype, values.dtype, n, m, _cuda_backend)
     choice = _CHOICES.get(key)
     if choice is None:
-        backend, why, final = _decide(forward, x, values, n, m)
+        backend, why, final = _decide(forward, x, values, n, m, path)
         choice = (backend, why)
         if final:
             _CHOICES[key] = choice
     return choice
 
 
-def _decide(forward: bool, x, values, n, m) -> tuple[str, str, bool]:
+def _decide(forward: bool, x, values, n, m, path: str | None = None) -> tuple[str, str, bool]:
     """(backend, why, final): final is False when the choice may change on a later call
     (the sparse tensor cores not yet checked, because this call is inside graph capture)."""
     reasons, final = [], True
@@ -714,7 +778,7 @@ def _decide(forward: bool, x, values, n, m) -> tuple[str, str, bool]:
                        "is inside CUDA graph capture: call once outside capture first")
                 final = False
             else:
-                why = _sp24_self_check(x.device, x.dtype)
+                why = _sp24_self_check(x.device, x.dtype)[path or "small"]
         if why is None:
             return "sp24", "sparse tensor-core kernel (sparsekit._C, mma.sp)", True
         reasons.append(why)

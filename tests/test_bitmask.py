@@ -399,3 +399,24 @@ def test_pruner_finalize_unstructured_and_conv():
     assert model[3].values.numel() == pytest.approx(0.1 * 16 * 6 * 6 * 10, abs=1)
     with torch.no_grad():
         assert torch.allclose(model(x), ref, atol=1e-5)
+
+
+def test_kernel_choice_covers_unstructured_layers():
+    lin = torch.nn.Linear(64, 24)
+    keep = sk.masks.magnitude(lin.weight.detach(), 0.5)
+    layer = sk.SparseLinear.from_dense(lin, "unstructured", mask=keep)
+    x = torch.randn(3, 64)
+    ref = torch.nn.functional.linear(x, lin.weight.detach() * keep, lin.bias.detach())
+    outs = {}
+    for mode in ("sparse", "dense", "auto"):
+        layer.kernel_choice = mode
+        outs[mode] = layer(x)
+        assert torch.allclose(outs[mode], ref, atol=1e-5)
+    assert "bitmask@0.5" in str(layer._kernel_key(x))
+    assert "bitmask" in sk.explain(layer, x)
+    conv = sk.SparseConv2d.from_dense(torch.nn.Conv2d(4, 6, 3, padding=1), "unstructured")
+    xc = torch.randn(2, 4, 5, 5)
+    conv.kernel_choice = "sparse"
+    ys = conv(xc)
+    conv.kernel_choice = "dense"
+    assert torch.allclose(ys, conv(xc), atol=1e-5)
