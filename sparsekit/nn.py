@@ -27,7 +27,7 @@ from torch import nn
 
 from . import dispatch, masks, ops
 from .bitmask import compress_bitmask
-from .format import compress, parse_pattern
+from .format import FLOAT_DTYPES, check_metadata, compress, parse_pattern
 from .reference import index_bits
 
 __all__ = ["SparseLinear", "SparseConv2d"]
@@ -69,6 +69,7 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        _check_dtype(dtype)
         self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
         factory = {"device": device, "dtype": dtype}
         if self.unstructured:
@@ -244,9 +245,13 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
         if meta is not None:
             groups = -(-self.in_features // self.m)
             expected = (self.out_features, (groups * self.n * index_bits(self.m) + 7) // 8)
-            if meta.dtype != torch.uint8 or tuple(meta.shape) != expected:
-                raise ValueError(f"{prefix}metadata must be uint8 of shape {expected}, got "
-                                 f"{meta.dtype} {tuple(meta.shape)}")
+            if (not isinstance(meta, torch.Tensor) or meta.dtype != torch.uint8
+                    or tuple(meta.shape) != expected):
+                got = (f"{meta.dtype} {tuple(meta.shape)}" if isinstance(meta, torch.Tensor)
+                       else type(meta).__name__)
+                raise ValueError(f"{prefix}metadata must be uint8 of shape {expected}, got {got}")
+        _check_loaded_pair(state_dict, prefix, meta, self.metadata, self.values.shape,
+                           self.in_features, self.n, self.m)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _adopt_unstructured_shapes(self, state_dict, prefix):
@@ -267,12 +272,50 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
                                        requires_grad=self.values.requires_grad)
 
 
-def _pair(v, name):
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(e, int) for e in v):
-        return tuple(v)
-    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+def _check_dtype(dtype):
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be a floating dtype (float32, float16, bfloat16 or float64) "
+                        f"for the kept weights, got {dtype}")
+
+
+def _check_loaded_pair(state_dict, prefix, meta, own_meta, values_shape, k, n, m):
+    """Validates the metadata (and the kept values in K's padding) a state_dict brings, once,
+    at load: forward then trusts it. Errors name the state_dict key, the row and the group.
+    A pair held only partly by the state_dict is checked against the module's other half."""
+    values = state_dict.get(prefix + "values")
+    if values is not None and (not isinstance(values, torch.Tensor) or values.shape != values_shape):
+        return  # torch's own loading reports the size mismatch of the values first
+    if meta is None and values is None:
+        return
+    metadata = meta if meta is not None else own_meta
+    if metadata.device.type == "meta" or (values is not None and values.device.type == "meta"):
+        return  # no data to check (a module being materialised)
+    if values is not None:
+        values = values.detach().to(metadata.device)
+    meta_name = prefix + "metadata" + ("" if meta is not None else " (the module's own)")
+    check_metadata(metadata, k, n, m, name=meta_name, values=values,
+                   values_name=prefix + "values")
+
+
+def _pair(v, name, minimum):
+    def is_int(e):
+        return isinstance(e, int) and not isinstance(e, bool)
+
+    if is_int(v):
+        v = (v, v)
+    elif isinstance(v, (tuple, list)) and len(v) == 2 and all(is_int(e) for e in v):
+        v = tuple(v)
+    else:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+# What a SparseConv2d checkpoint must agree on besides the compressed weight's own shape:
+# kh*kw*C_in alone lets a (3, 1) kernel load into a (1, 3) one, or into a 1x1 of 3x C_in.
+_CONV_GEOMETRY = ("pattern", "in_channels", "out_channels", "kernel_size", "stride", "padding",
+                  "dilation")
 
 
 class SparseConv2d(dispatch.ModuleChoice, nn.Module):
@@ -296,9 +339,13 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
                              "by SparseConv2d: only groups=1")
         if padding_mode != "zeros":
             raise ValueError(f"padding_mode={padding_mode!r} is not supported: only 'zeros'")
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        _check_dtype(dtype)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride, self.dilation = _pair(stride, "stride", 1), _pair(dilation, "dilation", 1)
         if padding == "same":
             if self.stride != (1, 1):
                 raise ValueError("padding='same' needs stride=1 (as in torch.nn.Conv2d)")
@@ -306,7 +353,7 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
         elif padding == "valid":
             self.padding = (0, 0)
         else:
-            self.padding = _pair(padding, "padding")
+            self.padding = _pair(padding, "padding", 0)
         self.groups = 1
         self.reduction = self.kernel_size[0] * self.kernel_size[1] * in_channels
         self.linear = SparseLinear(self.reduction, out_channels, bias, pattern, device, dtype)
@@ -381,8 +428,11 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
         return nn.functional.pad(x, pads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3 and x.shape[0] == self.in_channels:  # unbatched, as nn.Conv2d takes
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be [batch, {self.in_channels}, H, W], got {tuple(x.shape)}")
+            raise ValueError(f"x must be [batch, {self.in_channels}, H, W] or unbatched "
+                             f"[{self.in_channels}, H, W], got {tuple(x.shape)}")
         return dispatch.run(self, self._kernel_key(x), self._kernel_candidates, (self, x))
 
     def _kernel_key(self, x: torch.Tensor) -> tuple:
@@ -435,6 +485,23 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
     @property
     def dense_weight_nbytes(self) -> int:
         return self.linear.dense_weight_nbytes
+
+    # The full geometry travels with the state_dict and loading checks it (before the
+    # compressed weight, whose shape only fixes kh*kw*C_in).
+    def get_extra_state(self):
+        return {name: getattr(self, name) for name in _CONV_GEOMETRY}
+
+    def set_extra_state(self, state):
+        if not isinstance(state, dict) or not all(name in state for name in _CONV_GEOMETRY):
+            raise ValueError("state_dict holds no SparseConv2d geometry (pattern, in_channels, "
+                             "out_channels, kernel_size, stride, padding, dilation)")
+        def norm(v):
+            return tuple(v) if isinstance(v, (tuple, list)) else v
+
+        wrong = [f"{name}={norm(state[name])!r} (this module: {getattr(self, name)!r})"
+                 for name in _CONV_GEOMETRY if norm(state[name]) != getattr(self, name)]
+        if wrong:
+            raise ValueError("state_dict is for another SparseConv2d geometry: " + ", ".join(wrong))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

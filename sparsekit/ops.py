@@ -108,6 +108,18 @@ def _groups(k, m):
     return (k + m - 1) // m
 
 
+def _check_one_device(**tensors):
+    # The fake impls also serve the Meta dispatch key, which wins over CPU/CUDA when any
+    # argument is a meta tensor: without this check, CPU values with meta metadata returned
+    # uninitialized CPU memory instead of an error.
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        torch._check_value(t.device == first.device,
+                           lambda: f"{name} must be on the device of {first_name} "
+                                   f"({first.device}), got {t.device}")
+
+
 @torch.library.register_fake(f"{NAMESPACE}::nm_mask")
 def _nm_mask_fake(scores, n, m, absolute=False):
     torch._check(scores.dim() == 2, lambda: f"scores must be 2-D, got {scores.dim()}-D")
@@ -125,6 +137,7 @@ def _nm_compress_fake(w, n, m):
 
 @torch.library.register_fake(f"{NAMESPACE}::nm_decompress")
 def _nm_decompress_fake(values, metadata, k, n, m):
+    _check_one_device(values=values, metadata=metadata)
     torch._check(values.dim() == 2, lambda: f"values must be 2-D, got {values.dim()}-D")
     torch._check(
         values.shape[1] == _groups(k, m) * n,
@@ -135,6 +148,7 @@ def _nm_decompress_fake(values, metadata, k, n, m):
 
 @torch.library.register_fake(f"{NAMESPACE}::nm_linear")
 def _nm_linear_fake(x, values, metadata, bias, k, n, m):
+    _check_one_device(values=values, metadata=metadata, x=x, bias=bias)
     torch._check(x.shape[-1] == k, lambda: f"x must have k = {k} in its last dim, got {tuple(x.shape)}")
     torch._check(values.dim() == 2, lambda: "values must be 2-D")
     return x.new_empty((*x.shape[:-1], values.shape[0]))
@@ -142,6 +156,7 @@ def _nm_linear_fake(x, values, metadata, bias, k, n, m):
 
 @torch.library.register_fake(f"{NAMESPACE}::nm_linear_grad_input")
 def _nm_linear_grad_input_fake(grad_out, values, metadata, k, n, m):
+    _check_one_device(values=values, metadata=metadata, grad_out=grad_out)
     torch._check(grad_out.shape[-1] == values.shape[0],
                  lambda: f"grad_out must have {values.shape[0]} in its last dim")
     return grad_out.new_empty((*grad_out.shape[:-1], k))
@@ -149,6 +164,7 @@ def _nm_linear_grad_input_fake(grad_out, values, metadata, k, n, m):
 
 @torch.library.register_fake(f"{NAMESPACE}::nm_sddmm")
 def _nm_sddmm_fake(grad_out, x, metadata, k, n, m):
+    _check_one_device(metadata=metadata, x=x, grad_out=grad_out)
     torch._check(x.shape[-1] == k, lambda: f"x must have k = {k} in its last dim")
     return x.new_empty((metadata.shape[0], _groups(k, m) * n))
 
@@ -180,7 +196,7 @@ def _nm_linear_backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         grad_values = torch.ops.sparsekit.nm_sddmm(grad_out, x, metadata, k, n, m)
     if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = grad_out.reshape(-1, values.shape[0]).sum(0)
+        grad_bias = grad_out.reshape(grad_out.shape[:-1].numel(), values.shape[0]).sum(0)
     return grad_x, grad_values, None, grad_bias, None, None, None
 
 
@@ -492,6 +508,7 @@ def _check_last_dim(t, size, what):
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_linear")
 def _masked_linear_fake(x, weight, mask, bias=None, n=0, m=0):
+    _check_one_device(weight=weight, mask=mask, x=x, bias=bias)
     torch._check(weight.dim() == 2, lambda: f"weight must be 2-D, got {weight.dim()}-D")
     _check_last_dim(x, weight.shape[1], "x")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
@@ -499,6 +516,7 @@ def _masked_linear_fake(x, weight, mask, bias=None, n=0, m=0):
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_linear_grad_input")
 def _masked_linear_grad_input_fake(grad_out, weight, mask, n=0, m=0):
+    _check_one_device(weight=weight, mask=mask, grad_out=grad_out)
     torch._check(weight.dim() == 2, lambda: f"weight must be 2-D, got {weight.dim()}-D")
     _check_last_dim(grad_out, weight.shape[0], "grad_out")
     return grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1]))
@@ -506,6 +524,7 @@ def _masked_linear_grad_input_fake(grad_out, weight, mask, n=0, m=0):
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_linear_grad_weight")
 def _masked_linear_grad_weight_fake(grad_out, x, mask, n=0, m=0):
+    _check_one_device(mask=mask, x=x, grad_out=grad_out)
     torch._check(grad_out.shape[:-1] == x.shape[:-1],
                  lambda: f"grad_out and x must share their batch dims, got {tuple(grad_out.shape)} "
                          f"and {tuple(x.shape)}")
@@ -530,7 +549,7 @@ def _masked_linear_backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         grad_w = torch.ops.sparsekit.masked_linear_grad_weight(grad_out, x, mask, n, m)
     if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = grad_out.reshape(-1, weight.shape[0]).sum(0)
+        grad_bias = grad_out.reshape(grad_out.shape[:-1].numel(), weight.shape[0]).sum(0)
     return grad_x, grad_w, None, grad_bias, None, None
 
 

@@ -231,3 +231,116 @@ def test_select_channels_keeps_a_minimum_per_layer():
     assert int(keep["b1"].sum()) == 4
     with pytest.raises(ValueError, match="ratio"):
         prune.select_channels(model, 1.0)
+
+
+def test_masks_keep_the_parameter_and_its_gradient_accumulator():
+    # DistributedDataParallel hooks each parameter's gradient accumulator when it is built;
+    # attach_mask / remove_mask must not replace it (register_parametrization's set_ did:
+    # DDP then failed with "parameters that were not used").
+    layer = nn.Linear(16, 8)
+    weight = layer.weight
+    accumulator = weight.view_as(weight).grad_fn.next_functions[0][0]
+    mask = torch.rand(8, 16) > 0.5
+    prune.attach_mask(layer, mask=mask)
+    original = layer.parametrizations.weight.original
+    assert original is weight
+    assert original.view_as(original).grad_fn.next_functions[0][0] is accumulator
+    layer(torch.randn(3, 16)).sum().backward()
+    assert (weight.grad[~mask] == 0).all() and (weight.grad[mask] != 0).all()
+    prune.remove_mask(layer)
+    assert layer.weight is weight and (weight[~mask] == 0).all()
+    assert weight.view_as(weight).grad_fn.next_functions[0][0] is accumulator
+
+
+class TutorialCNN(nn.Module):
+    """The PyTorch tutorial CNN with BatchNorm: its forward flattens with a traced constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 5), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 16, 5), nn.BatchNorm2d(16)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc1, self.fc2 = nn.Linear(16 * 5 * 5, 120), nn.Linear(120, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        x = x.view(-1, 16 * 5 * 5)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_slimming_leaves_a_constant_view_alone_and_equals_masked():
+    model = TutorialCNN().eval()
+    _zero_some_channels(model, 0.5)
+    x = torch.randn(4, 3, 32, 32)
+    before = model(x)
+    report = prune.slim(model, 0.4, x)
+    assert "constant" in report.left_alone["bn2"] and model.fc1.in_features == 400
+    assert report.kept["bn1"] == (3, 6) and model.conv2.in_channels == 3
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+class _SharedConv(nn.Module):  # one conv on two branches
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn_a, self.bn_b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.c_a, self.c_b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c_a(torch.relu(self.bn_a(self.conv(x)))) * self.c_b(torch.relu(self.bn_b(self.conv(x))))
+
+
+class _SharedBN(nn.Module):  # one BatchNorm after two convs
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c3, self.c4 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.bn(self.c1(x)))) - self.c4(torch.relu(self.bn(self.c2(x))))
+
+
+class _SharedConsumer(nn.Module):  # a consumer reached twice, once from a slimmable chain
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+        self.c2, self.b2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.tail = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        shared = self.head(torch.relu(self.b1(self.c1(x)))) + self.head(self.c0(x))
+        return shared + self.tail(torch.relu(self.b2(self.c2(x))))
+
+
+@pytest.mark.parametrize("kind,bn,why", [(_SharedConv, "bn_a", "conv is called 2 times"),
+                                         (_SharedBN, "bn", "called 2 times"),
+                                         (_SharedConsumer, "b1", "head, which is called 2 times")])
+def test_slimming_shared_modules_are_left_alone_and_the_rest_slims(kind, bn, why):
+    model = kind().eval()
+    _zero_some_channels(model, 0.5)
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x)
+    report = prune.slim(model, 0.5, x)  # raised IndexError half way, the model rebuilt
+    assert why in report.left_alone[bn]
+    if kind is _SharedConsumer:
+        assert report.kept["b2"] == (4, 8) and model.tail.in_channels == 4
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_slimming_that_fails_to_run_puts_every_layer_back():
+    model = SmallCNN().eval()
+    _zero_some_channels(model, 0.5)
+
+    def needs_32_channels(module, args):  # code slimming cannot see (hooks are not traced)
+        if args[0].shape[1] != 32:
+            raise RuntimeError("expected 32 channels")
+
+    model.pool.register_forward_pre_hook(needs_32_channels)
+    x = torch.randn(2, 1, 8, 8)
+    before, layers = model(x), dict(model.named_children())
+    with pytest.raises(RuntimeError, match="expected 32 channels"):
+        prune.slim(model, 0.5, x)
+    assert dict(model.named_children()) == layers
+    torch.testing.assert_close(model(x), before)

@@ -1,7 +1,8 @@
 """Mask-while-training: a bool mask attached to a module's weight, applied in forward.
 
 The weight stays one tensor (the parametrization's `original`); the mask is a bool buffer
-(no float copy); forward sees weight * mask, so pruned entries get zero gradient and the
+(no float copy); forward sees the weight with pruned entries selected to 0 (not multiplied:
+inf or NaN at a pruned position still gives 0), so pruned entries get zero gradient and the
 optimizer cannot revive them. `remove_mask` bakes the zeros in and leaves a plain
 parameter, so the state_dict looks like the unpruned module's.
 
@@ -30,7 +31,10 @@ class _BoolMask(nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
+        # Select, never multiply: inf * 0 and NaN * 0 are NaN, but a pruned weight is 0
+        # whatever it held (as in the fused CUDA kernel, and what remove_mask bakes in).
+        return torch.where(self.mask, weight, torch.zeros((), dtype=weight.dtype,
+                                                          device=weight.device))
 
     def packed_bits(self) -> torch.Tensor:
         """The mask as packed bits (uint8 [R, ceil(K/8)]) for the fused kernels. Cached (not
@@ -84,6 +88,27 @@ def _check(module, name, mask):
     return weight
 
 
+def _register_keeping_identity(module: nn.Module, name: str, mask: _BoolMask) -> None:
+    """register_parametrization, but the weight Parameter keeps its autograd identity.
+
+    register_parametrization calls original.set_(original), which gives the Parameter a new
+    gradient accumulator node. DistributedDataParallel hooks the node it saw when it was
+    built, so it would never see the weight's gradient again ("parameters that were not
+    used"). Registering on an alias (same storage) and putting the Parameter itself back
+    avoids the set_ on it."""
+    original = module._parameters.get(name)
+    if type(original) is not nn.Parameter:
+        parametrize.register_parametrization(module, name, mask)
+        return
+    module._parameters[name] = nn.Parameter(original.detach(), requires_grad=original.requires_grad)
+    try:
+        parametrize.register_parametrization(module, name, mask)
+    except BaseException:
+        module._parameters[name] = original
+        raise
+    module.parametrizations[name].original = original
+
+
 def attach_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | None = None) -> None:
     """Attaches (or replaces) the bool mask of `module.<name>`; None keeps everything."""
     weight = _check(module, name, mask)
@@ -94,7 +119,7 @@ def attach_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | No
         get_mask(module, name).copy_(mask)
     else:
         fused = _takes_fused_forward(module, name)
-        parametrize.register_parametrization(module, name, _BoolMask(mask))
+        _register_keeping_identity(module, name, _BoolMask(mask))
         if fused:
             module.forward = types.MethodType(_masked_linear_forward, module)
 
@@ -113,4 +138,12 @@ def remove_mask(module: nn.Module, name: str = "weight") -> None:
     forward = module.__dict__.get("forward")
     if getattr(forward, "__func__", None) is _masked_linear_forward:
         del module.forward
-    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    chain = module.parametrizations[name]
+    if len(chain) == 1 and type(chain.original) is nn.Parameter:
+        # Bake in place, then unregister without leave_parametrized's set_ (see
+        # _register_keeping_identity): the Parameter keeps its gradient accumulator.
+        with torch.no_grad():
+            chain.original.copy_(getattr(module, name))
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    else:
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
