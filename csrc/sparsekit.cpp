@@ -51,6 +51,19 @@ TORCH_LIBRARY(sparsekit, lib) {
   lib.def(
       "masked_linear_grad_weight(Tensor grad_out, Tensor x, Tensor mask, int n=0, int m=0) "
       "-> Tensor");
+  // Unstructured sparsity in the bitmask format (csrc/cpu/bitmask.h, sparsekit/bitmask.py):
+  // values [nnz] (kept entries, row-major), mask int16 [rows, ceil(k/16)] (bit j of chunk c
+  // = column 16c + j kept), offsets int64 [rows + 1] (row r's values start).
+  lib.def("bitmask_compress(Tensor w) -> (Tensor, Tensor, Tensor)");
+  lib.def("bitmask_decompress(Tensor values, Tensor mask, Tensor offsets, int k) -> Tensor");
+  lib.def(
+      "bitmask_linear(Tensor x, Tensor values, Tensor mask, Tensor offsets, Tensor? bias, int k) "
+      "-> Tensor");
+  lib.def(
+      "bitmask_linear_grad_input(Tensor grad_out, Tensor values, Tensor mask, Tensor offsets, "
+      "int k) -> Tensor");
+  // Gradient of the kept values: (grad_out^T @ x) at the kept positions, [nnz].
+  lib.def("bitmask_sddmm(Tensor grad_out, Tensor x, Tensor mask, Tensor offsets, int k) -> Tensor");
   // Internal (no reference; present only in a compiled build): the 2:4 sparse tensor-core
   // path. sp24_pack derives the mma.sp layout (csrc/sp24_layout.h) from the canonical pair;
   // sp24_linear multiplies on it (CUDA); sp24_emulate_linear replays the MMA fragment rules
@@ -74,6 +87,8 @@ namespace sparsekit {
 std::string spmm_active_isa();
 bool spmm_set_isa(const std::string& isa);
 std::vector<std::string> spmm_compiled_isas();
+std::string bitmask_active_isa();
+bool bitmask_set_isa(const std::string& isa);
 #ifdef SPARSEKIT_WITH_CUDA
 const char* sp24_mma_instruction();  // csrc/cuda/sp24_linear.cu
 #endif
@@ -108,6 +123,8 @@ py::dict build_info() {
   info["cpu_isa_compiled"] = sparsekit::spmm_compiled_isas();
   info["cpu_isa_active"] = sparsekit::spmm_active_isa();
   info["cpu_isa_available"] = cpu_isa_available();
+  // The bitmask (unstructured) kernels: "avx512" (needs VBMI2) or "scalar" (portable).
+  info["cpu_bitmask_isa_active"] = sparsekit::bitmask_active_isa();
   info["compiler"] = __VERSION__;
   return info;
 }
@@ -120,7 +137,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sp24_tiled_stages", &sparsekit::sp24::tiled::stages_for_smem,
         "cp.async pipeline depth of the tiled 2:4 CUDA kernel on a GPU that allows this many "
         "bytes of shared memory per block (0: the tiled kernel does not fit).");
-  m.def("set_cpu_isa", &sparsekit::spmm_set_isa,
-        "Forces the CPU product kernels to one ISA ('avx512', 'avx2', 'scalar'); returns "
-        "False (and changes nothing) if this CPU or build lacks it.");
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& isa) {
+        if (!sparsekit::spmm_set_isa(isa)) return false;
+        // The bitmask kernels follow (their AVX-512 needs VBMI2; "avx2" is portable there).
+        if (!sparsekit::bitmask_set_isa(isa)) sparsekit::bitmask_set_isa("scalar");
+        return true;
+      },
+      "Forces the CPU product kernels to one ISA ('avx512', 'avx2', 'scalar'); returns "
+      "False (and changes nothing) if this CPU or build lacks it.");
 }

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 from . import _ext, ops, reference  # noqa: E402  (ops registers the kernels)
 from . import masks  # noqa: E402
 from .format import NMTensor, compress, parse_pattern  # noqa: E402
+from .bitmask import BitmaskTensor, compress_bitmask  # noqa: E402
 from .nn import SparseConv2d, SparseLinear  # noqa: E402
 from .convert import SparsifyReport, densify, sparsify  # noqa: E402
 from . import prune  # noqa: E402
@@ -23,6 +24,7 @@ from . import dispatch  # noqa: E402
 from .dispatch import kernel_choice  # noqa: E402
 
 __all__ = ["masks", "ops", "reference", "NMTensor", "compress", "parse_pattern", "explain",
+           "BitmaskTensor", "compress_bitmask",
            "dispatch", "kernel_choice",
            "prune", "SparseLinear", "SparseConv2d", "sparsify", "densify", "SparsifyReport", "build_info", "__version__"]
 
@@ -42,6 +44,7 @@ def build_info() -> dict:
 
     Keys: extension_loaded, load_error, torch_version (built against), runtime_torch,
     with_cuda, cuda_version, cuda_arch_list, cpu_isa_compiled, cpu_isa_available,
+    cpu_bitmask_isa_active (the unstructured kernels' ISA),
     kernels ({op: [dispatch keys with a compiled kernel]}).
     """
     import torch

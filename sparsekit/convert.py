@@ -274,8 +274,18 @@ def sparsify(model: nn.Module, pattern: str = "2:4", include=None, exclude=None,
     {name: tensor of the weight's shape} for activation-aware N:M selection.
     min_features: layers whose reduction dim (in_features, or C_in*kh*kw) is below it are
     skipped as too small (default M).
+
+    pattern="unstructured" prunes nothing: each layer keeps the nonzeros of its weight in
+    the bitmask format (prune first, e.g. with sparsekit.masks.magnitude, the Pruner or
+    one-shot pruning); min_features then defaults to 16, one mask word.
     """
-    n, m = parse_pattern(pattern)
+    if pattern == "unstructured":
+        if scores:
+            raise ValueError("scores select N:M groups; pattern='unstructured' keeps each "
+                             "weight's nonzeros")
+        m = 16
+    else:
+        n, m = parse_pattern(pattern)
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else (exclude or [])
     scores = scores or {}

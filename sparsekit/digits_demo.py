@@ -5,7 +5,8 @@ download), split once into train and test with a fixed seed; nothing is tuned on
 split. A small CNN (conv + BatchNorm + linear) is trained, then:
   (a) 2:4 on every eligible layer, fine-tuned as SparseLinear / SparseConv2d;
   (b) network slimming: an L1 penalty on BN scales, 60% of channels removed, fine-tuned;
-  (c) gradual unstructured magnitude pruning to 80% on the cubic schedule.
+  (c) gradual unstructured magnitude pruning to 80% on the cubic schedule, then stored
+      compressed in the bitmask format (SparseLinear(pattern="unstructured")).
 It prints one table (accuracy, parameters, weight bytes, CPU latency) and writes
 results.json and a figure into the output folder.
 """
@@ -167,7 +168,8 @@ def run(out_dir: str = "demo-output", seed: int = 0, epochs: int = 30, finetune:
     steps_per_epoch = -(-len(train_set[1]) // 64)
     pruner = prune.Pruner(gradual, prune.cubic(0.0, 0.8, steps=finetune // 2, every=steps_per_epoch))
     train(gradual, train_set, finetune, 5e-4, seed + 4, "gradual 80%", on_step=pruner.step)
-    pruner.finalize()
+    # Kept compressed: the bitmask format (SparseLinear / SparseConv2d, pattern="unstructured").
+    pruner.finalize(pattern="unstructured")
     models["80% unstructured"] = gradual
 
     x_lat = test_set[0][:256]

@@ -1,4 +1,6 @@
 """Drop-in sparse layers: `SparseLinear` keeps an N:M weight compressed and multiplies on it.
+With pattern="unstructured" it keeps any pattern of zeros in the bitmask format
+(sparsekit.bitmask) instead.
 
     layer = SparseLinear.from_dense(torch.nn.Linear(4096, 4096), pattern="2:4")
     y = layer(x)                      # the sparse kernel or the dense path, whichever is faster
@@ -24,10 +26,13 @@ import torch
 from torch import nn
 
 from . import dispatch, masks, ops
+from .bitmask import compress_bitmask
 from .format import FLOAT_DTYPES, check_metadata, compress, parse_pattern
 from .reference import index_bits
 
 __all__ = ["SparseLinear", "SparseConv2d"]
+
+UNSTRUCTURED = "unstructured"
 
 
 def _nm_dense_weight(values, metadata, k, n, m, *inputs):
@@ -48,18 +53,35 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
     Parameters: `values` [out_features, ceil(in/M)*N] (the kept weights, trainable) and
     `bias`; buffer: `metadata` (uint8, the canonical format of DESIGN.md). A fresh module
     holds the lowest N indices of every group with zero values; use `from_dense`.
+
+    pattern="unstructured": W keeps any set of nonzeros in the bitmask format
+    (sparsekit.bitmask): `values` [nnz] is the trainable Parameter, `mask` (int16
+    [out_features, ceil(in/16)]) and `offsets` (int64 [out_features + 1]) are buffers, and
+    the product runs as sparsekit.ops.bitmask_linear. A fresh module keeps nothing (nnz = 0);
+    loading a state_dict takes its nnz.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  pattern: str = "2:4", device=None, dtype=None):
         super().__init__()
-        n, m = parse_pattern(pattern)
+        self.unstructured = pattern == UNSTRUCTURED
+        n, m = (0, 0) if self.unstructured else parse_pattern(pattern)
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         _check_dtype(dtype)
         self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
         factory = {"device": device, "dtype": dtype}
+        if self.unstructured:
+            empty = compress_bitmask(torch.zeros(out_features, in_features, **factory))
+            self.values = nn.Parameter(empty.values)
+            self.register_buffer("mask", empty.mask)
+            self.register_buffer("offsets", empty.offsets)
+            self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+            self._kernel_descriptions = {
+                "sparse": "sparsekit bitmask kernel, ops.bitmask_linear",
+                "dense": "torch F.linear on the decompressed weight"}
+            return
         groups = -(-in_features // m)
         self.values = nn.Parameter(torch.zeros(out_features, groups * n, **factory))
         empty = compress(torch.zeros(out_features, in_features, **factory), n, m)
@@ -68,15 +90,20 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
 
     @property
     def pattern(self) -> str:
-        return f"{self.n}:{self.m}"
+        return UNSTRUCTURED if self.unstructured else f"{self.n}:{self.m}"
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, pattern: str = "2:4", scores: torch.Tensor | None = None,
                    mask: torch.Tensor | None = None) -> "SparseLinear":
         """Prunes `linear.weight` to N:M (the n largest |w|, or `scores`, in every m along
-        in_features; or an explicit N:M bool `mask`) and compresses it."""
+        in_features; or an explicit N:M bool `mask`) and compresses it.
+
+        pattern="unstructured" prunes nothing: it stores the nonzeros of the weight (of
+        weight * `mask` when a bool mask is given, e.g. from sparsekit.masks.magnitude)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        if pattern == UNSTRUCTURED:
+            return cls._from_dense_unstructured(linear, scores, mask)
         n, m = parse_pattern(pattern)
         w = linear.weight.detach()
         if mask is None:
@@ -96,8 +123,28 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
                 layer.bias.copy_(linear.bias.detach())
         return layer
 
+    @classmethod
+    def _from_dense_unstructured(cls, linear, scores, mask) -> "SparseLinear":
+        if scores is not None:
+            raise ValueError("scores select N:M groups; pattern='unstructured' keeps the "
+                             "weight's nonzeros (prune first, e.g. sparsekit.masks.magnitude, "
+                             "or pass mask=)")
+        w = linear.weight.detach()
+        t = compress_bitmask(w, mask)  # checks the mask's dtype and shape, and NaN
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    UNSTRUCTURED, device=w.device, dtype=w.dtype)
+        layer.values = nn.Parameter(t.values)
+        layer.mask, layer.offsets = t.mask, t.offsets
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
     def dense_weight(self) -> torch.Tensor:
         """The dense [out_features, in_features] weight (a new tensor, not a view)."""
+        if self.unstructured:
+            return ops.bitmask_decompress(self.values.detach(), self.mask, self.offsets,
+                                          self.in_features)
         return ops.nm_decompress(self.values.detach(), self.metadata, self.in_features,
                                  self.n, self.m)
 
@@ -119,18 +166,34 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
         return dispatch.run(self, self._kernel_key(x), self._kernel_candidates, (self, x))
 
     def _kernel_key(self, x: torch.Tensor) -> tuple:
-        return dispatch.make_key("linear", f"nm{self.n}:{self.m}",
-                                 (self.out_features, self.in_features),
+        return dispatch.make_key("linear", self._format_key(), (self.out_features, self.in_features),
                                  math.prod(x.shape[:-1]), x, self.values.dtype)
 
+    def _format_key(self) -> str:
+        """The format in kernel-choice keys. Unstructured layers add the kept fraction in
+        tenths ("bitmask@0.2": 15-25% kept), since the faster path depends on it."""
+        if not self.unstructured:
+            return f"nm{self.n}:{self.m}"
+        total = self.out_features * self.in_features
+        return f"bitmask@{round(10 * self.values.shape[0] / total) / 10:.1f}"
+
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unstructured:
+            return ops.bitmask_linear(x, self.values, self.mask, self.offsets, self.bias,
+                                      self.in_features)
         return ops.nm_linear(x, self.values, self.metadata, self.bias, self.in_features,
                              self.n, self.m)
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = _nm_dense_weight(self.values, self.metadata, self.in_features, self.n, self.m,
-                             x, self.bias)
-        return nn.functional.linear(x, w, self.bias)
+        return nn.functional.linear(x, self._call_dense_weight(x), self.bias)
+
+    def _call_dense_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense weight for a dense-path call (N:M: see _nm_dense_weight; unstructured:
+        a new tensor per call, the bitmask format has no decompress-into)."""
+        if self.unstructured:
+            return ops.bitmask_decompress(self.values, self.mask, self.offsets, self.in_features)
+        return _nm_dense_weight(self.values, self.metadata, self.in_features, self.n, self.m,
+                                x, self.bias)
 
     # The kernels dispatch.run chooses from, {name: fn(module, x)}. Called by method name,
     # so a subclass (or another format's forward) that overrides a method is the one run.
@@ -141,7 +204,10 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
 
     @property
     def weight_nbytes(self) -> int:
-        """Bytes of the compressed weight (values + metadata)."""
+        """Bytes of the compressed weight (values + metadata; unstructured: values + mask +
+        offsets)."""
+        if self.unstructured:
+            return self.values.nbytes + self.mask.nbytes + self.offsets.nbytes
         return self.values.nbytes + self.metadata.nbytes
 
     @property
@@ -172,6 +238,9 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
         extra = state_dict.get(prefix + "_extra_state")
         if extra is not None:
             self.set_extra_state(extra)
+        if self.unstructured:
+            self._adopt_unstructured_shapes(state_dict, prefix)
+            return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         meta = state_dict.get(prefix + "metadata")
         if meta is not None:
             groups = -(-self.in_features // self.m)
@@ -184,6 +253,23 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
         _check_loaded_pair(state_dict, prefix, meta, self.metadata, self.values.shape,
                            self.in_features, self.n, self.m)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _adopt_unstructured_shapes(self, state_dict, prefix):
+        # nnz belongs to the weight, not to the module's shape: take the incoming one, after
+        # checking that the triple is consistent (bitmask_decompress validates every row).
+        values = state_dict.get(prefix + "values")
+        mask = state_dict.get(prefix + "mask")
+        offsets = state_dict.get(prefix + "offsets")
+        if values is None or mask is None or offsets is None:
+            return  # load_state_dict reports the missing keys
+        expected = (self.out_features, -(-self.in_features // 16))
+        if mask.dtype != torch.int16 or tuple(mask.shape) != expected:
+            raise ValueError(f"{prefix}mask must be int16 of shape {expected}, got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+        ops.bitmask_decompress(values.detach().cpu(), mask.cpu(), offsets.cpu(), self.in_features)
+        if values.shape != self.values.shape:
+            self.values = nn.Parameter(self.values.new_empty(values.shape),
+                                       requires_grad=self.values.requires_grad)
 
 
 def _check_dtype(dtype):
@@ -354,12 +440,11 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
         shape = (self.out_channels, self.in_channels, *self.kernel_size, *self.stride,
                  self.padding, *self.dilation, dispatch.batch_bucket(x.shape[2]),
                  dispatch.batch_bucket(x.shape[3]))
-        return dispatch.make_key("conv2d", f"nm{self.linear.n}:{self.linear.m}", shape,
+        return dispatch.make_key("conv2d", self.linear._format_key(), shape,
                                  x.shape[0], x, self.values.dtype)
 
     def _nm_product(self, x: torch.Tensor) -> torch.Tensor:
-        lin = self.linear
-        return ops.nm_linear(x, lin.values, lin.metadata, lin.bias, self.reduction, lin.n, lin.m)
+        return self.linear._sparse_forward(x)  # N:M, or bitmask when unstructured
 
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The sparse candidate: the N:M product on channels-last pixels (1x1) or on
@@ -384,7 +469,7 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
         """The dense candidate: the kept values decompressed (scratch buffer without
         autograd), viewed as [out, C_in, kh, kw], and torch's F.conv2d."""
         lin = self.linear
-        w = _nm_dense_weight(lin.values, lin.metadata, self.reduction, lin.n, lin.m, x, lin.bias)
+        w = lin._call_dense_weight(x)
         kh, kw = self.kernel_size
         w = w.view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
         return nn.functional.conv2d(x, w, lin.bias, self.stride, self.padding, self.dilation)

@@ -24,7 +24,8 @@ from . import _ext, reference
 __all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "nm_decompress_into",
            "nm_linear", "nm_linear_grad_input", "nm_sddmm", "masked_linear",
            "masked_linear_grad_input", "masked_linear_grad_weight", "explain",
-           "registered_kernels", "set_cpu_isa", "set_cuda_backend"]
+           "registered_kernels", "set_cpu_isa", "set_cuda_backend", "bitmask_compress",
+           "bitmask_decompress", "bitmask_linear", "bitmask_linear_grad_input", "bitmask_sddmm"]
 
 NAMESPACE = "sparsekit"
 
@@ -44,6 +45,15 @@ SCHEMAS = {
                                 "Tensor mask, int n=0, int m=0) -> Tensor",
     "masked_linear_grad_weight": "masked_linear_grad_weight(Tensor grad_out, Tensor x, Tensor mask, "
                                  "int n=0, int m=0) -> Tensor",
+    "bitmask_compress": "bitmask_compress(Tensor w) -> (Tensor, Tensor, Tensor)",
+    "bitmask_decompress": "bitmask_decompress(Tensor values, Tensor mask, Tensor offsets, int k) "
+                          "-> Tensor",
+    "bitmask_linear": "bitmask_linear(Tensor x, Tensor values, Tensor mask, Tensor offsets, "
+                      "Tensor? bias, int k) -> Tensor",
+    "bitmask_linear_grad_input": "bitmask_linear_grad_input(Tensor grad_out, Tensor values, "
+                                 "Tensor mask, Tensor offsets, int k) -> Tensor",
+    "bitmask_sddmm": "bitmask_sddmm(Tensor grad_out, Tensor x, Tensor mask, Tensor offsets, "
+                     "int k) -> Tensor",
 }
 
 # Internal ops of a compiled build (no reference; csrc/sparsekit.cpp declares them too):
@@ -68,6 +78,11 @@ _REFERENCE = {
     "masked_linear": reference.masked_linear,
     "masked_linear_grad_input": reference.masked_linear_grad_input,
     "masked_linear_grad_weight": reference.masked_linear_grad_weight,
+    "bitmask_compress": reference.bitmask_compress,
+    "bitmask_decompress": reference.bitmask_decompress,
+    "bitmask_linear": reference.bitmask_linear,
+    "bitmask_linear_grad_input": reference.bitmask_linear_grad_input,
+    "bitmask_sddmm": reference.bitmask_sddmm,
 }
 
 # Ops without a compiled CPU kernel: the reference runs them on the CPU, Triton on CUDA.
@@ -887,3 +902,162 @@ _EXPLAINERS["nm_linear_grad_input", "CUDA"] = lambda gy, values, *rest: _nm_choi
     False, gy, values, rest[-2], rest[-1])[1]
 _EXPLAINERS["nm_sddmm", "CUDA"] = lambda gy, x, *rest: _nm_choice(
     False, gy, x, rest[-2], rest[-1])[1]
+
+
+# ---- bitmask format (unstructured sparsity): fake impls, autograd, wrappers --------------
+# The same three product ops as N:M, with (values [nnz], mask, offsets) for the weight;
+# each backward is written with these ops, so double backward works.
+
+@torch.library.register_fake(f"{NAMESPACE}::bitmask_compress")
+def _bitmask_compress_fake(w):
+    torch._check(w.dim() == 2, lambda: f"w must be 2-D, got {w.dim()}-D")
+    rows, k = w.shape
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    return (w.new_empty((nnz,)), w.new_empty((rows, -(-k // 16)), dtype=torch.int16),
+            w.new_empty((rows + 1,), dtype=torch.int64))
+
+
+def _check_bitmask_fake(values, mask, offsets, k):
+    torch._check(values.dim() == 1, lambda: f"values must be 1-D, got {values.dim()}-D")
+    torch._check(mask.dim() == 2 and mask.shape[1] == -(-k // 16),
+                 lambda: f"mask must be [rows, {-(-k // 16)}] for k={k}, got {tuple(mask.shape)}")
+    torch._check(offsets.dim() == 1 and offsets.shape[0] == mask.shape[0] + 1,
+                 lambda: "offsets must have rows + 1 entries")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::bitmask_decompress")
+def _bitmask_decompress_fake(values, mask, offsets, k):
+    _check_bitmask_fake(values, mask, offsets, k)
+    return values.new_empty((mask.shape[0], k))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::bitmask_linear")
+def _bitmask_linear_fake(x, values, mask, offsets, bias, k):
+    _check_bitmask_fake(values, mask, offsets, k)
+    _check_last_dim(x, k, "x")
+    return x.new_empty((*x.shape[:-1], mask.shape[0]))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::bitmask_linear_grad_input")
+def _bitmask_linear_grad_input_fake(grad_out, values, mask, offsets, k):
+    _check_bitmask_fake(values, mask, offsets, k)
+    _check_last_dim(grad_out, mask.shape[0], "grad_out")
+    return grad_out.new_empty((*grad_out.shape[:-1], k))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::bitmask_sddmm")
+def _bitmask_sddmm_fake(grad_out, x, mask, offsets, k):
+    _check_last_dim(x, k, "x")
+    _check_last_dim(grad_out, mask.shape[0], "grad_out")
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    return x.new_empty((nnz,))
+
+
+def _bitmask_linear_setup(ctx, inputs, output):
+    x, values, mask, offsets, bias, k = inputs
+    ctx.save_for_backward(x, values, mask, offsets)
+    ctx.k = k
+    ctx.has_bias = bias is not None
+
+
+def _bitmask_linear_backward(ctx, grad_out):
+    # Gradients reach x, the kept values and the bias only: pruned weights have no slot.
+    x, values, mask, offsets = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.sparsekit.bitmask_linear_grad_input(grad_out, values, mask, offsets, ctx.k)
+    if ctx.needs_input_grad[1]:
+        grad_values = torch.ops.sparsekit.bitmask_sddmm(grad_out, x, mask, offsets, ctx.k)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad_out.reshape(-1, mask.shape[0]).sum(0)
+    return grad_x, grad_values, None, None, grad_bias, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::bitmask_linear", _bitmask_linear_backward,
+                                setup_context=_bitmask_linear_setup)
+
+
+def _bitmask_grad_input_setup(ctx, inputs, output):
+    grad_out, values, mask, offsets, k = inputs
+    ctx.save_for_backward(grad_out, values, mask, offsets)
+    ctx.k = k
+
+
+def _bitmask_grad_input_backward(ctx, g):
+    # out = grad_out @ W: d/dgrad_out = g @ W^T, d/dvalues = sddmm(grad_out, g).
+    grad_out, values, mask, offsets = ctx.saved_tensors
+    d_gy = d_values = None
+    if ctx.needs_input_grad[0]:
+        d_gy = torch.ops.sparsekit.bitmask_linear(g, values, mask, offsets, None, ctx.k)
+    if ctx.needs_input_grad[1]:
+        d_values = torch.ops.sparsekit.bitmask_sddmm(grad_out, g, mask, offsets, ctx.k)
+    return d_gy, d_values, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::bitmask_linear_grad_input",
+                                _bitmask_grad_input_backward, setup_context=_bitmask_grad_input_setup)
+
+
+def _bitmask_sddmm_setup(ctx, inputs, output):
+    grad_out, x, mask, offsets, k = inputs
+    ctx.save_for_backward(grad_out, x, mask, offsets)
+    ctx.k = k
+
+
+def _bitmask_sddmm_backward(ctx, g):
+    # out = (grad_out^T @ x) at kept positions; with G the dense form of g:
+    # d/dgrad_out = x @ G^T, d/dx = grad_out @ G.
+    grad_out, x, mask, offsets = ctx.saved_tensors
+    d_gy = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_gy = torch.ops.sparsekit.bitmask_linear(x, g, mask, offsets, None, ctx.k)
+    if ctx.needs_input_grad[1]:
+        d_x = torch.ops.sparsekit.bitmask_linear_grad_input(grad_out, g, mask, offsets, ctx.k)
+    return d_gy, d_x, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::bitmask_sddmm", _bitmask_sddmm_backward,
+                                setup_context=_bitmask_sddmm_setup)
+
+
+def _bitmask_decompress_setup(ctx, inputs, output):
+    values, mask, offsets, k = inputs
+    ctx.save_for_backward(mask)
+    ctx.k = k
+
+
+def _bitmask_decompress_backward(ctx, g):
+    (mask,) = ctx.saved_tensors
+    return g[reference.bitmask_kept(mask, ctx.k)], None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::bitmask_decompress", _bitmask_decompress_backward,
+                                setup_context=_bitmask_decompress_setup)
+
+
+def bitmask_compress(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, mask, offsets) of a 2-D matrix in the bitmask format (sparsekit.bitmask)."""
+    return torch.ops.sparsekit.bitmask_compress(w)
+
+
+def bitmask_decompress(values, mask, offsets, k: int) -> torch.Tensor:
+    """Dense [rows, k] matrix of a bitmask triple."""
+    return torch.ops.sparsekit.bitmask_decompress(values, mask, offsets, k)
+
+
+def bitmask_linear(x, values, mask, offsets, bias, k: int) -> torch.Tensor:
+    """y = x @ W^T (+ bias) with W = (values, mask, offsets) in the bitmask format, [rows, k].
+    Differentiable in x, values and bias; honours torch.autocast like nm_linear."""
+    x, values, bias = autocast_linear_inputs(x.device.type, x, values, bias)
+    return torch.ops.sparsekit.bitmask_linear(x, values, mask, offsets, bias, k)
+
+
+def bitmask_linear_grad_input(grad_out, values, mask, offsets, k: int) -> torch.Tensor:
+    """grad_x = grad_out @ W with W in the bitmask format."""
+    return torch.ops.sparsekit.bitmask_linear_grad_input(grad_out, values, mask, offsets, k)
+
+
+def bitmask_sddmm(grad_out, x, mask, offsets, k: int) -> torch.Tensor:
+    """(grad_out^T @ x) at W's kept positions, [nnz]: the kept values' gradient."""
+    return torch.ops.sparsekit.bitmask_sddmm(grad_out, x, mask, offsets, k)

@@ -12,7 +12,8 @@ import torch
 __all__ = ["index_bits", "nm_mask", "nm_compress", "nm_decompress", "pack_bits", "unpack_bits",
            "kept_columns", "nm_linear", "nm_linear_grad_input", "nm_sddmm", "pack_mask_bits",
            "unpack_mask_bits", "dense_mask", "masked_linear", "masked_linear_grad_input",
-           "masked_linear_grad_weight"]
+           "masked_linear_grad_weight", "bitmask_compress", "bitmask_kept", "bitmask_decompress",
+           "bitmask_linear", "bitmask_linear_grad_input", "bitmask_sddmm"]
 
 
 def index_bits(m: int) -> int:
@@ -233,3 +234,59 @@ def masked_linear_grad_weight(grad_out, x, mask, n: int = 0, m: int = 0) -> torc
     batch = x.shape[:-1].numel()  # not -1: k or rows may be 0
     dense = grad_out.reshape(batch, rows).t() @ x.reshape(batch, k)
     return torch.where(keep, dense, 0)
+
+
+# -- bitmask format (unstructured sparsity; sparsekit.bitmask) -----------------------------
+
+BITMASK_CHUNK = 16
+
+
+def bitmask_compress(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, mask, offsets) of a 2-D matrix: values [nnz] its nonzeros in row-major order,
+    mask int16 [rows, ceil(k/16)] with bit j of chunk c set when column 16c + j is nonzero,
+    offsets int64 [rows + 1] where each row's values start. NaN raises ValueError."""
+    if torch.isnan(w).any():
+        where = torch.nonzero(torch.isnan(w))[0].tolist()
+        raise ValueError(f"w contains NaN (first at row {where[0]}, column {where[1]}); "
+                         "a NaN weight cannot be compressed")
+    rows, k = w.shape
+    kept = w != 0
+    chunks = -(-k // BITMASK_CHUNK)
+    bits = _pad_last(kept, BITMASK_CHUNK, False).view(rows, chunks, BITMASK_CHUNK).to(torch.int32)
+    words = (bits << torch.arange(BITMASK_CHUNK, device=w.device, dtype=torch.int32)).sum(-1)
+    mask = torch.where(words >= 1 << 15, words - (1 << 16), words).to(torch.int16)
+    offsets = torch.zeros(rows + 1, dtype=torch.int64, device=w.device)
+    offsets[1:] = kept.sum(1).cumsum(0)
+    return w[kept], mask, offsets
+
+
+def bitmask_kept(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool [rows, k]: the kept positions the mask words encode."""
+    shifts = torch.arange(BITMASK_CHUNK, device=mask.device, dtype=torch.int32)
+    bits = ((mask.to(torch.int32) & 0xFFFF).unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(mask.shape[0], mask.shape[1] * BITMASK_CHUNK)[:, :k].bool()
+
+
+def bitmask_decompress(values, mask, offsets, k: int) -> torch.Tensor:
+    """Dense [rows, k] matrix of the bitmask triple (offsets are implied by the mask)."""
+    kept = bitmask_kept(mask, k)
+    dense = values.new_zeros(kept.shape)
+    dense[kept] = values
+    return dense
+
+
+def bitmask_linear(x, values, mask, offsets, bias, k: int) -> torch.Tensor:
+    """y = x @ W^T (+ bias), W the dense form of the bitmask triple."""
+    return torch.nn.functional.linear(x, bitmask_decompress(values, mask, offsets, k), bias)
+
+
+def bitmask_linear_grad_input(grad_out, values, mask, offsets, k: int) -> torch.Tensor:
+    """grad_x = grad_out @ W: [..., rows] -> [..., k]."""
+    return torch.matmul(grad_out, bitmask_decompress(values, mask, offsets, k))
+
+
+def bitmask_sddmm(grad_out, x, mask, offsets, k: int) -> torch.Tensor:
+    """Gradient of the kept values: (grad_out^T @ x) at the kept positions, [nnz]."""
+    rows = mask.shape[0]
+    dense = grad_out.reshape(-1, rows).t() @ x.reshape(-1, k)
+    return dense[bitmask_kept(mask, k)]

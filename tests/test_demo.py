@@ -36,6 +36,8 @@ def test_digits_demo_short_run_writes_table_results_and_figure(tmp_path, capsys)
         rows["dense"]["weight_bytes"] * 0.53, rel=0.02)  # 17/32, plus the padded first conv
     assert rows["80% unstructured"]["nonzero_weights"] == pytest.approx(
         0.2 * rows["dense"]["nonzero_weights"], rel=0.01)
+    # kept compressed (bitmask format): 0.2 of the values plus one mask bit per weight
+    assert rows["80% unstructured"]["weight_bytes"] < 0.3 * rows["dense"]["weight_bytes"]
     assert results["slimming"]["params_after"] < results["slimming"]["params_before"]
     out = capsys.readouterr().out
     assert "accuracy" in out and "target" in out

@@ -113,7 +113,8 @@ class Pruner:
 
     def finalize(self, pattern: str | None = None) -> SparsifyReport | None:
         """Bakes the masks into the weights (plain parameters again). With `pattern`
-        ("2:4"), then converts the pruned layers to SparseLinear / SparseConv2d."""
+        ("2:4", or "unstructured" to keep any pattern of zeros compressed), then converts the
+        pruned layers to SparseLinear / SparseConv2d."""
         for _, mod in self.modules:
             remove_mask(mod)
         if pattern is None:

@@ -1,0 +1,113 @@
+// The bitmask format of unstructured sparse matrices (sparsekit/bitmask.py documents it)
+// and the types its CPU kernels share (bitmask_scalar.cpp, bitmask_avx512.cpp; the op
+// wrappers are in bitmask_format.cpp). Plain pointers only: the ISA files include no torch
+// header.
+//
+// W [rows, k] is stored as
+//   mask     int16 [rows, chunks], chunks = ceil(k / 16): bit j of chunk c says whether
+//            column 16c + j is kept (nonzero); bits past k are 0;
+//   values   [nnz] the kept entries in row-major order;
+//   offsets  int64 [rows + 1]: row r's kept entries are values[offsets[r], offsets[r+1]),
+//            offsets[r+1] - offsets[r] = popcount(mask[r]).
+#pragma once
+
+#include <cstdint>
+
+namespace sparsekit {
+
+constexpr int64_t kChunk = 16;  // columns per mask chunk (one 16-bit word)
+
+inline int64_t bitmask_chunks(int64_t k) { return (k + kChunk - 1) / kChunk; }
+
+// The bits a row's last chunk may hold (columns below k).
+inline uint16_t bitmask_tail_bits(int64_t k) {
+  const int64_t rem = k % kChunk;
+  return rem == 0 ? uint16_t{0xFFFF} : static_cast<uint16_t>((1u << rem) - 1u);
+}
+
+// Portable popcount (the baseline x86-64 target has no popcnt instruction, and
+// __builtin_popcount then calls a library routine).
+inline int bitmask_popcount64(uint64_t x) {
+  x = x - ((x >> 1) & 0x5555555555555555ull);
+  x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+  x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0Full;
+  return static_cast<int>((x * 0x0101010101010101ull) >> 56);
+}
+
+// Bits set in mask_row[0, chunks), four words at a time; `popcount` counts a uint64.
+template <typename Popcount>
+inline int64_t bitmask_row_bits(const uint16_t* mask_row, int64_t chunks, Popcount popcount) {
+  int64_t total = 0, c = 0;
+  for (; c + 4 <= chunks; c += 4) {
+    uint64_t w;
+    __builtin_memcpy(&w, mask_row + c, sizeof(w));
+    total += popcount(w);
+  }
+  for (; c < chunks; ++c) total += popcount(static_cast<uint64_t>(mask_row[c]));
+  return total;
+}
+
+// True when row `mask_row` holds exactly `count` bits and none past k: the invariant that
+// keeps every kernel's reads of values inside the row's range.
+template <typename Popcount>
+inline bool bitmask_row_ok(const uint16_t* mask_row, int64_t chunks, uint16_t tail, int64_t count,
+                           Popcount popcount) {
+  return bitmask_row_bits(mask_row, chunks, popcount) == count &&
+         (chunks == 0 || (mask_row[chunks - 1] & ~tail) == 0);
+}
+
+inline float bitmask_bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+struct BitmaskArgs {
+  const void* values;       // [nnz] fp32, or bf16 when `bf16`
+  bool bf16;
+  const uint16_t* mask;     // [rows, chunks]
+  const int64_t* offsets;   // [rows + 1], validated against mask before any kernel runs
+  int64_t rows;
+  int64_t chunks;
+  // Row-major small-batch forward: x [batch, ldx] fp32, ldx >= chunks * 16, zero past k;
+  // y [batch, ldy] fp32.
+  int64_t batch;
+  const float* x;
+  int64_t ldx;
+  float* y;
+  int64_t ldy;
+  const float* bias;        // forward only, may be null
+  // Batch-in-lanes kernels: ld (a multiple of 16) floats per row of xT [chunks*16, ld],
+  // gyT [rows, ld], and of the output: forward yT [rows, ld], grad input gxT [chunks*16, ld]
+  // (accumulated). sddmm writes gv [nnz] fp32 (accumulated unless `first`).
+  int64_t ld;
+  const float* xT;
+  const float* gyT;
+  float* out;
+  bool first;
+};
+
+constexpr int kBitmaskSmallBatch = 8;  // rows of x the row-major forward handles per pass
+
+// Kernels over rows [r0, r1). `scratch` holds bitmask_scratch_floats(chunks) floats.
+using BitmaskKernel = void (*)(const BitmaskArgs&, int64_t r0, int64_t r1, float* scratch);
+inline int64_t bitmask_scratch_floats(int64_t chunks) { return 2 * (chunks * kChunk + 32); }
+
+// The first row in [r0, r1) whose mask disagrees with its offsets (or has bits past k),
+// else -1. Runs before any kernel reads those rows.
+using BitmaskCheck = int64_t (*)(const BitmaskArgs&, int64_t r0, int64_t r1, uint16_t tail);
+
+struct BitmaskKernels {
+  const char* isa;
+  BitmaskCheck first_bad_row;
+  BitmaskKernel forward_small;  // row-major x, 1..kBitmaskSmallBatch rows
+  BitmaskKernel forward;        // xT -> yT
+  BitmaskKernel grad_input;     // gyT -> gxT (+=)
+  BitmaskKernel sddmm;          // gyT, xT -> gv
+};
+
+const BitmaskKernels& bitmask_kernels_scalar();
+const BitmaskKernels& bitmask_kernels_avx512();
+
+}  // namespace sparsekit

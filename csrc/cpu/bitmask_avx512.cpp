@@ -1,0 +1,262 @@
+// CPU kernels of the bitmask format with AVX-512 F/BW/VL/DQ/VBMI2, chosen at run time.
+//
+// Small batches (x row-major): one 16-bit mask word decodes a chunk of 16 weights with a
+// single expand-load from the packed values (bf16: a 16-bit expand-load, widened), the
+// values pointer advances by its popcount, and every row of x takes an FMA with the chunk.
+// The compressed weight is streamed once for all rows of x: the bandwidth-bound regime.
+// Larger batches (batch in the vector lanes, xT [Kp, ld]): a row's kept columns are
+// decoded once into a list (compress of a column iota), then every kept value is a
+// broadcast times ld/16 vectors of xT, so the work is proportional to the kept entries.
+#include <cstdint>
+#include <type_traits>
+
+#include "bitmask.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,popcnt,bmi2,fma")
+
+namespace sparsekit {
+namespace bitmask_avx512 {
+namespace {
+
+int64_t first_bad_row(const BitmaskArgs& a, int64_t r0, int64_t r1, uint16_t tail) {
+  const auto popcount = [](uint64_t w) { return static_cast<int>(_mm_popcnt_u64(w)); };
+  for (int64_t r = r0; r < r1; ++r) {
+    if (!bitmask_row_ok(a.mask + r * a.chunks, a.chunks, tail, a.offsets[r + 1] - a.offsets[r], popcount)) {
+      return r;
+    }
+  }
+  return -1;
+}
+
+// The chunk of word m as 16 weights (zeros where m has no bit), from the packed values at p.
+// A masked load of exactly popcount(m) values (never past them, so never past the end of
+// values) and an in-register expand: the expand-load with a memory operand is microcoded
+// on some cores (AMD Zen 4) and many times slower.
+template <bool BF16>
+inline __m512 expand_chunk(uint16_t m, const void* p, unsigned count) {
+  const uint32_t low = _bzhi_u32(0xFFFFu, count);  // the low `count` bits
+  if constexpr (BF16) {
+    // Widened to 32-bit lanes before the expand: the 16-bit expand is the slower one.
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(static_cast<__mmask16>(low), p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_maskz_expand_epi32(m, h), 16));
+  } else {
+    return _mm512_maskz_expand_ps(m, _mm512_maskz_loadu_ps(static_cast<__mmask16>(low), p));
+  }
+}
+
+// y[b, r] for B rows of x: U chunks in flight per row for B < 4 (FMA latency).
+template <int B, bool BF16>
+void forward_small_t(const BitmaskArgs& a, int64_t r0, int64_t r1) {
+  constexpr int U = B == 1 ? 4 : (B <= 3 ? 2 : 1);
+  using T = typename std::conditional<BF16, uint16_t, float>::type;
+  const int64_t C = a.chunks;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* mk = a.mask + r * C;
+    const T* v = static_cast<const T*>(a.values) + a.offsets[r];
+    __m512 acc[U][B];
+    for (int u = 0; u < U; ++u)
+      for (int b = 0; b < B; ++b) acc[u][b] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + U <= C; c += U) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        const uint16_t m = mk[c + u];
+        const unsigned count = _mm_popcnt_u32(m);
+        const __m512 w = expand_chunk<BF16>(m, v, count);
+        v += count;
+        const float* xc = a.x + (c + u) * kChunk;
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b)
+          acc[u][b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xc + b * a.ldx), acc[u][b]);
+      }
+    }
+    for (; c < C; ++c) {
+      const uint16_t m = mk[c];
+      const unsigned count = _mm_popcnt_u32(m);
+      const __m512 w = expand_chunk<BF16>(m, v, count);
+      v += count;
+      const float* xc = a.x + c * kChunk;
+      for (int b = 0; b < B; ++b)
+        acc[0][b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xc + b * a.ldx), acc[0][b]);
+    }
+    const float bias = a.bias != nullptr ? a.bias[r] : 0.0f;
+    for (int b = 0; b < B; ++b) {
+      __m512 s = acc[0][b];
+      for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][b]);
+      a.y[b * a.ldy + r] = _mm512_reduce_add_ps(s) + bias;
+    }
+  }
+}
+
+template <bool BF16>
+void forward_small_dispatch(const BitmaskArgs& a, int64_t r0, int64_t r1) {
+  switch (a.batch) {
+    case 1: forward_small_t<1, BF16>(a, r0, r1); break;
+    case 2: forward_small_t<2, BF16>(a, r0, r1); break;
+    case 3: forward_small_t<3, BF16>(a, r0, r1); break;
+    case 4: forward_small_t<4, BF16>(a, r0, r1); break;
+    case 5: forward_small_t<5, BF16>(a, r0, r1); break;
+    case 6: forward_small_t<6, BF16>(a, r0, r1); break;
+    case 7: forward_small_t<7, BF16>(a, r0, r1); break;
+    default: forward_small_t<8, BF16>(a, r0, r1); break;
+  }
+}
+
+void forward_small(const BitmaskArgs& a, int64_t r0, int64_t r1, float*) {
+  if (a.bf16) {
+    forward_small_dispatch<true>(a, r0, r1);
+  } else {
+    forward_small_dispatch<false>(a, r0, r1);
+  }
+}
+
+// Row r's kept columns into cols (int32, 16 slots of slack) and, for bf16, its values
+// widened into vals; returns the count and points *row_vals at the row's fp32 values.
+inline int64_t decode_row(const BitmaskArgs& a, int64_t r, int32_t* cols, float* vals,
+                          const float** row_vals) {
+  const uint16_t* mk = a.mask + r * a.chunks;
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t p = 0;
+  for (int64_t c = 0; c < a.chunks; ++c) {
+    const uint16_t m = mk[c];
+    const __m512i col = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int32_t>(c * kChunk)));
+    _mm512_storeu_si512(cols + p, _mm512_maskz_compress_epi32(m, col));
+    p += _mm_popcnt_u32(m);
+  }
+  const int64_t off = a.offsets[r];
+  if (a.bf16) {
+    const uint16_t* h = static_cast<const uint16_t*>(a.values) + off;
+    int64_t i = 0;
+    for (; i + 16 <= p; i += 16) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i));
+      _mm512_storeu_ps(vals + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)));
+    }
+    for (; i < p; ++i) vals[i] = bitmask_bf16_to_float(h[i]);
+    *row_vals = vals;
+  } else {
+    *row_vals = static_cast<const float*>(a.values) + off;
+  }
+  return p;
+}
+
+inline float* cols_scratch_end(float* scratch, int64_t chunks) {
+  return scratch + chunks * kChunk + 32;
+}
+
+// yT[r, t0 : t0 + 16*NB] for one batch tile; two accumulator sets hide FMA latency.
+template <int NB>
+inline void forward_tile(const BitmaskArgs& a, int64_t r, int64_t t0, const int32_t* cols,
+                         const float* vals, int64_t nnz, float bias) {
+  __m512 acc0[NB], acc1[NB];
+  for (int j = 0; j < NB; ++j) acc0[j] = acc1[j] = _mm512_setzero_ps();
+  const float* xT = a.xT + t0;
+  const int64_t ld = a.ld;
+  int64_t q = 0;
+  for (; q + 2 <= nnz; q += 2) {
+    const __m512 w0 = _mm512_set1_ps(vals[q]), w1 = _mm512_set1_ps(vals[q + 1]);
+    const float* x0 = xT + static_cast<int64_t>(cols[q]) * ld;
+    const float* x1 = xT + static_cast<int64_t>(cols[q + 1]) * ld;
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) {
+      acc0[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0 + 16 * j), acc0[j]);
+      acc1[j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x1 + 16 * j), acc1[j]);
+    }
+  }
+  if (q < nnz) {
+    const __m512 w0 = _mm512_set1_ps(vals[q]);
+    const float* x0 = xT + static_cast<int64_t>(cols[q]) * ld;
+    for (int j = 0; j < NB; ++j) acc0[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0 + 16 * j), acc0[j]);
+  }
+  float* y = a.out + r * ld + t0;
+  const __m512 b = _mm512_set1_ps(bias);
+  for (int j = 0; j < NB; ++j) _mm512_storeu_ps(y + 16 * j, _mm512_add_ps(_mm512_add_ps(acc0[j], acc1[j]), b));
+}
+
+template <int NB>
+inline void grad_input_tile(const BitmaskArgs& a, int64_t r, int64_t t0, const int32_t* cols,
+                            const float* vals, int64_t nnz) {
+  __m512 g[NB];
+  for (int j = 0; j < NB; ++j) g[j] = _mm512_loadu_ps(a.gyT + r * a.ld + t0 + 16 * j);
+  for (int64_t q = 0; q < nnz; ++q) {
+    const __m512 w = _mm512_set1_ps(vals[q]);
+    float* gx = a.out + static_cast<int64_t>(cols[q]) * a.ld + t0;
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j)
+      _mm512_storeu_ps(gx + 16 * j, _mm512_fmadd_ps(w, g[j], _mm512_loadu_ps(gx + 16 * j)));
+  }
+}
+
+constexpr int kMaxTile = 8;  // vectors of batch per pass (128 lanes)
+
+template <typename F>
+inline void for_each_tile(int64_t ld, F&& f) {
+  int64_t t0 = 0;
+  for (; t0 + 16 * kMaxTile <= ld; t0 += 16 * kMaxTile) f(t0, std::integral_constant<int, kMaxTile>{});
+  switch ((ld - t0) / 16) {
+    case 1: f(t0, std::integral_constant<int, 1>{}); break;
+    case 2: f(t0, std::integral_constant<int, 2>{}); break;
+    case 3: f(t0, std::integral_constant<int, 3>{}); break;
+    case 4: f(t0, std::integral_constant<int, 4>{}); break;
+    case 5: f(t0, std::integral_constant<int, 5>{}); break;
+    case 6: f(t0, std::integral_constant<int, 6>{}); break;
+    case 7: f(t0, std::integral_constant<int, 7>{}); break;
+    default: break;
+  }
+}
+
+void forward(const BitmaskArgs& a, int64_t r0, int64_t r1, float* scratch) {
+  int32_t* cols = reinterpret_cast<int32_t*>(scratch);
+  float* vals = cols_scratch_end(scratch, a.chunks);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* rv;
+    const int64_t nnz = decode_row(a, r, cols, vals, &rv);
+    const float bias = a.bias != nullptr ? a.bias[r] : 0.0f;
+    for_each_tile(a.ld, [&](int64_t t0, auto nb) { forward_tile<decltype(nb)::value>(a, r, t0, cols, rv, nnz, bias); });
+  }
+}
+
+void grad_input(const BitmaskArgs& a, int64_t r0, int64_t r1, float* scratch) {
+  int32_t* cols = reinterpret_cast<int32_t*>(scratch);
+  float* vals = cols_scratch_end(scratch, a.chunks);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* rv;
+    const int64_t nnz = decode_row(a, r, cols, vals, &rv);
+    for_each_tile(a.ld, [&](int64_t t0, auto nb) { grad_input_tile<decltype(nb)::value>(a, r, t0, cols, rv, nnz); });
+  }
+}
+
+void sddmm(const BitmaskArgs& a, int64_t r0, int64_t r1, float* scratch) {
+  int32_t* cols = reinterpret_cast<int32_t*>(scratch);
+  float* vals = cols_scratch_end(scratch, a.chunks);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* rv;
+    const int64_t nnz = decode_row(a, r, cols, vals, &rv);
+    const float* gy = a.gyT + r * a.ld;
+    float* gv = a.out + a.offsets[r];
+    for (int64_t q = 0; q < nnz; ++q) {
+      const float* x = a.xT + static_cast<int64_t>(cols[q]) * a.ld;
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t b = 0; b < a.ld; b += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(gy + b), _mm512_loadu_ps(x + b), s);
+      const float d = _mm512_reduce_add_ps(s);
+      gv[q] = a.first ? d : gv[q] + d;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace bitmask_avx512
+
+const BitmaskKernels& bitmask_kernels_avx512() {
+  static const BitmaskKernels k{"avx512", bitmask_avx512::first_bad_row, bitmask_avx512::forward_small, bitmask_avx512::forward,
+                                bitmask_avx512::grad_input, bitmask_avx512::sddmm};
+  return k;
+}
+
+}  // namespace sparsekit
+
+#pragma GCC pop_options
+#endif  // __x86_64__
