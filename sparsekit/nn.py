@@ -151,8 +151,9 @@ class SparseConv2d(nn.Module):
     The weight [out, C_in, kh, kw] is permuted to [out, kh, kw, C_in] and flattened to
     [out, K = kh*kw*C_in], so a group holds M consecutive input channels at one kernel
     position (when C_in % M == 0; otherwise groups continue into the next position). The
-    product runs as sparsekit.ops.nm_linear: directly on channels-last pixels for 1x1
-    kernels, on unfolded patches otherwise. Supports stride, padding (ints or 'same'),
+    product runs as sparsekit.ops.nm_linear directly on channels-last pixels for 1x1
+    kernels, and as the implicit-GEMM convolution sparsekit.ops.nm_conv2d (no unfold)
+    otherwise. Supports stride, padding (ints or 'same'),
     dilation and bias; groups=1 only.
     """
 
@@ -242,31 +243,38 @@ class SparseConv2d(nn.Module):
                 conv.bias.copy_(self.bias.detach())
         return conv
 
-    def _pad_same(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
+    def _same_padding(self, x: torch.Tensor):
+        """(x, padding) for padding='same': symmetric padding goes to the kernel; an odd
+        total (an even dilated kernel) pads x explicitly, the extra row/column at the end as
+        torch.nn.Conv2d does."""
+        pads, symmetric = [], []
         for k, d in zip(reversed(self.kernel_size), reversed(self.dilation)):
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
-        return nn.functional.pad(x, pads)
+            symmetric.insert(0, total // 2)
+        if pads[0] == pads[1] and pads[2] == pads[3]:
+            return x, tuple(symmetric)
+        return nn.functional.pad(x, pads), (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be [batch, {self.in_channels}, H, W], got {tuple(x.shape)}")
         padding = self.padding
         if padding == "same":
-            x, padding = self._pad_same(x), (0, 0)
-        if self.kernel_size == (1, 1) and self.stride == (1, 1) and padding == (0, 0):
-            # 1x1: a direct N:M product over channels, pixels as the batch.
+            x, padding = self._same_padding(x)
+        return self._sparse_forward(x, padding)
+
+    def _sparse_forward(self, x: torch.Tensor, padding) -> torch.Tensor:
+        """The sparse path: 1x1 kernels without padding as a direct N:M product over channels
+        (pixels as the batch; a stride subsamples x first), every other kernel through the
+        implicit-GEMM convolution sparsekit.ops.nm_conv2d."""
+        if self.kernel_size == (1, 1) and padding == (0, 0):
+            if self.stride != (1, 1):
+                x = x[:, :, ::self.stride[0], ::self.stride[1]]
             return self.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        batch, _, height, width = x.shape
         kh, kw = self.kernel_size
-        out_h = (height + 2 * padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        out_w = (width + 2 * padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        cols = nn.functional.unfold(x, self.kernel_size, self.dilation, padding, self.stride)
-        # unfold orders a patch (C, kh, kw); the weight is flattened (kh, kw, C).
-        cols = cols.view(batch, self.in_channels, kh * kw, -1).permute(0, 3, 2, 1)
-        y = self.linear(cols.reshape(batch, -1, self.reduction))  # [batch, L, out]
-        return y.transpose(1, 2).reshape(batch, self.out_channels, out_h, out_w)
+        return ops.nm_conv2d(x, self.values, self.metadata, self.bias, self.in_channels, kh, kw,
+                             self.stride, padding, self.dilation, self.linear.n, self.linear.m)
 
     @property
     def weight_nbytes(self) -> int:
