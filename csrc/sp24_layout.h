@@ -42,6 +42,9 @@ constexpr int kRows = 16;           // MMA M: weight rows per tile
 constexpr int kK = 32;              // MMA K: logical columns per tile
 constexpr int kKept = 16;           // kept values per tile row
 constexpr int kBatch = 8;           // MMA N: batch rows per MMA
+// Up to this many rows of x the small-batch kernel runs, above it the tiled kernel (the
+// dispatcher's self-check and its per-path fallback split calls at the same place).
+constexpr int kSmallMaxBatch = 2 * kBatch;
 constexpr int kTilesPerMeta = 4;    // tiles per 16-byte metadata vector
 constexpr int kMetaLanes = 16;      // lanes supplying E (selector 0)
 constexpr int kValuesPerLane = 8;   // halves of A per lane per tile
@@ -111,6 +114,14 @@ SK_HOST_DEVICE uint16_t canonical_meta16(const uint8_t* row_meta, int64_t groups
   return bits;
 }
 
+// Whether group g of one row's canonical 2:4 metadata holds two strictly increasing
+// indices. mma.sp reads the indices as given; equal or decreasing ones are undefined
+// behaviour on the GPU, so packing refuses them (the canonical format never has them).
+SK_HOST_DEVICE bool meta_group_ordered(const uint8_t* row_meta, int64_t g) {
+  const uint32_t nibble = (row_meta[g >> 1] >> ((g & 1) * 4)) & 0xFu;
+  return (nibble & 3u) < (nibble >> 2);
+}
+
 // Packs one metadata word: rows g and g + 8 of row tile rt (a missing row reads as padding).
 SK_HOST_DEVICE uint32_t pack_meta_word(const uint8_t* meta, int64_t meta_bytes,
                                        const PackedLayout& L, int64_t rt, int64_t kt,
@@ -164,6 +175,19 @@ struct alignas(16) Stage {
   uint32_t e[kRowTiles][kMetaLanes][2];      // metadata words of the step's 2 tiles
   uint16_t x[kN][kXStride];                  // x rows, K-contiguous
 };
+
+// cp.async pipeline depth of the tiled kernel for a GPU that lets one block opt in to
+// `smem_per_block` bytes of shared memory (cudaDevAttrMaxSharedMemoryPerBlockOptin): 4
+// stages (108 KiB) where they fit (sm_80/87: 163 KiB, sm_90: 227 KiB), 3 (81 KiB) on GPUs
+// capped at 99 KiB (sm_86, sm_89, sm_120), 2 below that; 0 when not even 2 fit (the
+// launcher then refuses the tiled kernel, and only that path).
+constexpr int kMaxStages = 4;
+constexpr int kMinStages = 2;
+inline int stages_for_smem(int64_t smem_per_block) {
+  const int64_t fit = smem_per_block / static_cast<int64_t>(sizeof(Stage));
+  if (fit < kMinStages) return 0;
+  return fit > kMaxStages ? kMaxStages : static_cast<int>(fit);
+}
 
 SK_HOST_DEVICE int warp_m(int warp) { return warp / 4; }
 SK_HOST_DEVICE int warp_n(int warp) { return warp % 4; }

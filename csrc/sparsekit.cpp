@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "sp24_layout.h"
+
 #ifndef SPARSEKIT_TORCH_VERSION
 #error "setup.py defines SPARSEKIT_TORCH_VERSION (the torch this extension is built against)"
 #endif
@@ -74,6 +76,9 @@ namespace sparsekit {
 std::string spmm_active_isa();
 bool spmm_set_isa(const std::string& isa);
 std::vector<std::string> spmm_compiled_isas();
+#ifdef SPARSEKIT_WITH_CUDA
+const char* sp24_mma_instruction();  // csrc/cuda/sp24_linear.cu
+#endif
 }  // namespace sparsekit
 
 namespace {
@@ -93,11 +98,14 @@ py::dict build_info() {
   info["with_cuda"] = true;
   info["cuda_version"] = SPARSEKIT_CUDA_VERSION;
   info["cuda_arch_list"] = SPARSEKIT_CUDA_ARCH_LIST;
+  info["sp24_mma"] = sparsekit::sp24_mma_instruction();
 #else
   info["with_cuda"] = false;
   info["cuda_version"] = py::none();
   info["cuda_arch_list"] = py::none();
+  info["sp24_mma"] = py::none();
 #endif
+  info["sp24_small_max_batch"] = sparsekit::sp24::kSmallMaxBatch;
   // CPU product kernels compiled into this build, and the one that runs.
   info["cpu_isa_compiled"] = sparsekit::spmm_compiled_isas();
   info["cpu_isa_active"] = sparsekit::spmm_active_isa();
@@ -111,6 +119,9 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsekit compiled kernels; the ops live under torch.ops.sparsekit";
   m.def("build_info", &build_info, "How this extension was built (versions, kernels, ISAs).");
+  m.def("sp24_tiled_stages", &sparsekit::sp24::tiled::stages_for_smem,
+        "cp.async pipeline depth of the tiled 2:4 CUDA kernel on a GPU that allows this many "
+        "bytes of shared memory per block (0: the tiled kernel does not fit).");
   m.def("set_cpu_isa", &sparsekit::spmm_set_isa,
         "Forces the CPU product kernels to one ISA ('avx512', 'avx2', 'scalar'); returns "
         "False (and changes nothing) if this CPU or build lacks it.");

@@ -696,21 +696,32 @@ def _triton_nm_reason(x, values, n, m) -> str | None:
 # The sparse tensor-core kernel checks itself once per GPU and dtype before the dispatcher
 # relies on it: a small 2:4 product through every kernel path (both small-batch variants,
 # the tiled kernel, split K, padded rows and K, bias) on integer inputs, whose result must
-# equal the float64 reference exactly. A GPU whose mma.sp reads the layout differently, or
-# one the extension was not built for, then costs speed (Triton runs), never correctness.
-_SP24_CHECKED: dict = {}  # (device, dtype) -> None (passed) or why it failed
+# equal the float64 reference exactly. Its two kernels are judged apart: calls with up to
+# _SP24_SMALL_MAX_BATCH rows of x run the small-batch kernel, larger ones the tiled kernel,
+# and a GPU where one of them fails (no kernel image, too little shared memory for the
+# tiled pipeline, a layout read differently) keeps the other. A failed path costs speed
+# (Triton runs those calls), never correctness.
+_SP24_SMALL_MAX_BATCH = 16  # = sp24::kSmallMaxBatch (csrc/sp24_layout.h; a test compares)
+_SP24_PATHS = ("small", "tiled")
+_SP24_CHECKED: dict = {}  # (device, dtype) -> {path: None (passed) or why it failed}
 
 
-def _sp24_self_check(device, dtype) -> str | None:
-    """None when sp24_linear reproduces the reference on `device` in `dtype`, else why not
-    (and a RuntimeWarning, once). Runs kernels and synchronises: never inside graph capture."""
+def _sp24_path(rows: int) -> str:
+    """The sparse tensor-core kernel a forward call with `rows` rows of x runs."""
+    return "small" if rows <= _SP24_SMALL_MAX_BATCH else "tiled"
+
+
+def _sp24_self_check(device, dtype) -> dict:
+    """{"small": why, "tiled": why}: None where that kernel of sp24_linear reproduces the
+    reference on `device` in `dtype`, else why not (and a RuntimeWarning, once). Runs
+    kernels and synchronises: never inside graph capture."""
     key = (torch.device(device), dtype)
     if key in _SP24_CHECKED:
         return _SP24_CHECKED[key]
     gen = torch.Generator().manual_seed(0)
     # 40 rows: 3 row tiles, the last partial. k = 1064: 34 K tiles (packed to 36), enough
     # for split K in both kernels. k = 91: K padded on chip and x copied to aligned rows.
-    rows, failures = 40, []
+    rows, failures = 40, {path: [] for path in _SP24_PATHS}
 
     def integers(*shape, low=-3):
         return torch.randint(low, 4, shape, generator=gen).to(torch.float64)
@@ -725,28 +736,40 @@ def _sp24_self_check(device, dtype) -> str | None:
         bias = integers(rows).to(device=device, dtype=dtype)
         try:
             packed_values, packed_meta = torch.ops.sparsekit.sp24_pack(values, metadata, k)
-            for batch in batches:
-                x64 = integers(batch, k)
+        except Exception as exc:  # e.g. no kernel image for this GPU: both paths fail
+            for path in _SP24_PATHS:
+                failures[path].append(f"packing: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            continue
+        for batch in batches:
+            path = _sp24_path(batch)
+            x64 = integers(batch, k)
+            try:
                 y = _sp24_linear(x64.to(device=device, dtype=dtype), packed_values, packed_meta,
                                  bias, rows, k)
-                want = reference.nm_linear(x64, values64, metadata.cpu(),
-                                           bias.cpu().to(torch.float64), k, 2, 4).to(dtype)
-                if not torch.equal(y.cpu(), want):
-                    err = (y.cpu().double() - want.double()).abs().max().item()
-                    failures.append(f"k={k}, batch {batch}: max error {err:g} where the result "
-                                    "must be exact")
-        except Exception as exc:  # e.g. no kernel image for this GPU
-            failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-    why = None
-    if failures:
-        why = ("the sparse tensor-core kernel failed its self-check on this GPU ("
-               + "; ".join(failures[:3]) + ")")
-        warnings.warn(f"sparsekit: {why}; 2:4 products on {key[0]} in "
-                      f"{str(dtype).replace('torch.', '')} run the Triton kernels instead. "
-                      "Please report this with sparsekit.build_info().", RuntimeWarning,
-                      stacklevel=3)
-    _SP24_CHECKED[key] = why
-    return why
+            except Exception as exc:  # e.g. the tiled pipeline's shared memory
+                failures[path].append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+                continue
+            want = reference.nm_linear(x64, values64, metadata.cpu(),
+                                       bias.cpu().to(torch.float64), k, 2, 4).to(dtype)
+            if not torch.equal(y.cpu(), want):
+                err = (y.cpu().double() - want.double()).abs().max().item()
+                failures[path].append(f"k={k}, batch {batch}: max error {err:g} where the "
+                                      "result must be exact")
+    result = {}
+    for path in _SP24_PATHS:
+        why = None
+        if failures[path]:
+            rows_of_x = (f"up to {_SP24_SMALL_MAX_BATCH}" if path == "small"
+                         else f"more than {_SP24_SMALL_MAX_BATCH}")
+            why = (f"the sparse tensor-core {path} kernel failed its self-check on this GPU ("
+                   + "; ".join(failures[path][:3]) + ")")
+            warnings.warn(f"sparsekit: {why}; 2:4 products with {rows_of_x} rows of x on "
+                          f"{key[0]} in {str(dtype).replace('torch.', '')} run the Triton "
+                          "kernels instead. Please report this with sparsekit.build_info().",
+                          RuntimeWarning, stacklevel=3)
+        result[path] = why
+    _SP24_CHECKED[key] = result
+    return result
 
 
 @functools.lru_cache(maxsize=None)
@@ -766,17 +789,22 @@ _CHOICES: dict = {}
 
 def _nm_choice(forward: bool, x, values, n, m) -> tuple[str, str]:
     """(backend, why) for one CUDA call."""
-    key = (forward, x.device, x.dtype, values.dtype, n, m, _cuda_backend)
+    # Forward calls go to one of two sparse tensor-core kernels by their rows of x, and a
+    # GPU may pass the self-check for one and not the other.
+    path = None
+    if forward:
+        path = _sp24_path(x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0)
+    key = (forward, path, x.device, x.dtype, values.dtype, n, m, _cuda_backend)
     choice = _CHOICES.get(key)
     if choice is None:
-        backend, why, final = _decide(forward, x, values, n, m)
+        backend, why, final = _decide(forward, x, values, n, m, path)
         choice = (backend, why)
         if final:
             _CHOICES[key] = choice
     return choice
 
 
-def _decide(forward: bool, x, values, n, m) -> tuple[str, str, bool]:
+def _decide(forward: bool, x, values, n, m, path: str | None = None) -> tuple[str, str, bool]:
     """(backend, why, final): final is False when the choice may change on a later call
     (the sparse tensor cores not yet checked, because this call is inside graph capture)."""
     reasons, final = [], True
@@ -788,7 +816,7 @@ def _decide(forward: bool, x, values, n, m) -> tuple[str, str, bool]:
                        "is inside CUDA graph capture: call once outside capture first")
                 final = False
             else:
-                why = _sp24_self_check(x.device, x.dtype)
+                why = _sp24_self_check(x.device, x.dtype)[path or "small"]
         if why is None:
             return "sp24", "sparse tensor-core kernel (sparsekit._C, mma.sp)", True
         reasons.append(why)

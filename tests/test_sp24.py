@@ -358,8 +358,8 @@ def _emulated_kernel(x2d, pv, pm, bias, rows, k):
 def test_self_check_passes_a_right_kernel(monkeypatch, dtype):
     monkeypatch.setattr(ops, "_SP24_CHECKED", {})
     monkeypatch.setattr(ops, "_sp24_linear", _emulated_kernel)
-    assert ops._sp24_self_check("cpu", dtype) is None
-    assert ops._SP24_CHECKED[torch.device("cpu"), dtype] is None
+    assert ops._sp24_self_check("cpu", dtype) == {"small": None, "tiled": None}
+    assert ops._SP24_CHECKED[torch.device("cpu"), dtype] == {"small": None, "tiled": None}
 
 
 @needs_ext
@@ -432,3 +432,135 @@ def test_packing_cache_drops_dead_weights():
     assert key in ops._SP24_CACHE and ops._sp24_cached(values) is not None
     del values
     assert key not in ops._SP24_CACHE
+
+
+@needs_ext
+def test_a_failing_tiled_kernel_leaves_the_small_batch_kernel_in_use(monkeypatch):
+    # A GPU whose shared memory cannot hold the tiled pipeline (or that lacks its kernel)
+    # must lose only that kernel: small batches keep the sparse tensor cores.
+    def tiled_fails(x2d, pv, pm, bias, rows, k):
+        if x2d.shape[0] > ops._SP24_SMALL_MAX_BATCH:
+            raise RuntimeError("CUDA error: too many resources requested for launch")
+        return _emulated_kernel(x2d, pv, pm, bias, rows, k)
+
+    monkeypatch.setattr(ops, "_SP24_CHECKED", {})
+    monkeypatch.setattr(ops, "_CHOICES", {})
+    monkeypatch.setattr(ops, "_sp24_linear", tiled_fails)
+    monkeypatch.setattr(ops, "_sp24_reason", lambda *a: None)
+    values = torch.randn(4, 4).half()
+    with pytest.warns(RuntimeWarning, match="tiled kernel failed its self-check") as record:
+        checked = ops._sp24_self_check("cpu", torch.float16)
+    assert checked["small"] is None and "too many resources" in checked["tiled"]
+    assert not any("small kernel" in str(w.message) for w in record)
+    for rows in (1, ops._SP24_SMALL_MAX_BATCH):
+        x = torch.randn(rows, 8).half()
+        assert ops._nm_choice(True, x, values, 2, 4)[0] == "sp24"
+    x = torch.randn(2, ops._SP24_SMALL_MAX_BATCH // 2 + 1, 8).half()  # 3-D: rows = 18
+    backend, why = ops._nm_choice(True, x, values, 2, 4)
+    assert backend != "sp24" and "tiled kernel failed" in why
+
+
+@needs_ext
+def test_small_batch_limit_and_mma_instruction_match_the_build():
+    info = sk.build_info()
+    assert info["sp24_small_max_batch"] == ops._SP24_SMALL_MAX_BATCH
+    if info["with_cuda"]:
+        major, minor = (int(v) for v in info["cuda_version"].split(".")[:2])
+        ordered = (major, minor) >= (12, 5)
+        assert info["sp24_mma"] == ("mma.sp::ordered_metadata" if ordered else "mma.sp")
+    else:
+        assert info["sp24_mma"] is None
+
+
+@needs_ext
+@pytest.mark.parametrize("smem,stages", [
+    (232448, 4),  # sm_90: 227 KiB per block
+    (166912, 4),  # sm_80 / sm_87: 163 KiB
+    (101376, 3),  # sm_86 / sm_89 / sm_120: 99 KiB, below the 4 stages' 108 KiB
+    (65536, 2),
+    (49152, 0),   # not even two stages: the tiled kernel is refused, not launched
+])
+def test_tiled_pipeline_depth_follows_the_shared_memory_limit(smem, stages):
+    assert sk._ext.EXTENSION.sp24_tiled_stages(smem) == stages
+
+
+@needs_ext
+@pytest.mark.parametrize("nibble", [0x0, 0x5, 0xF, 0x1, 0x6])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_pack_refuses_metadata_that_mma_sp_cannot_take(nibble, dtype):
+    # Equal or decreasing indices are undefined behaviour for mma.sp: packing must refuse
+    # them with the row and group, as the CPU emulation and to_dense do.
+    t = sk.compress(integer_nm(3, 20, dtype), 2, 4)
+    metadata = t.metadata.clone()
+    row, group = 2, 3  # group 3 is the high nibble of byte 1
+    metadata[row, 1] = (metadata[row, 1] & 0x0F) | (nibble << 4)
+    with pytest.raises(ValueError, match=f"metadata row {row}, group {group}: kept indices "
+                                         f"{nibble & 3} and {nibble >> 2} are not strictly"):
+        torch.ops.sparsekit.sp24_pack(t.values, metadata, 20)
+
+
+@needs_ext
+def test_packed_tensors_must_be_aligned_for_vector_loads():
+    t = sk.compress(integer_nm(16, 64, torch.float16), 2, 4)
+    pv, pm = torch.ops.sparsekit.sp24_pack(t.values, t.metadata, 64)
+    x = torch.ones(1, 64).half()
+    pv_view = torch.empty(pv.numel() + 8, dtype=pv.dtype)[1:1 + pv.numel()]
+    pv_view.copy_(pv)
+    pm_view = torch.empty(pm.numel() + 4, dtype=pm.dtype)[1:1 + pm.numel()]
+    pm_view.copy_(pm)
+    with pytest.raises(ValueError, match="packed_values must start on a 16-byte boundary"):
+        torch.ops.sparsekit.sp24_emulate_linear(x, pv_view, pm, None, 16, 64)
+    with pytest.raises(ValueError, match="packed_meta must start on a 16-byte boundary"):
+        torch.ops.sparsekit.sp24_emulate_linear(x, pv, pm_view, None, 16, 64)
+    want = torch.ops.sparsekit.sp24_emulate_linear(x, pv, pm, None, 16, 64)
+    assert torch.equal(torch.ops.sparsekit.sp24_emulate_linear(x, pv_view.clone(), pm, None, 16, 64),
+                       want)
+
+
+def _nvcc():
+    import shutil
+
+    return shutil.which("nvcc")
+
+
+_MMA_PROBE = r"""
+#include "sp24_mma.cuh"
+__global__ void probe(const uint4* a, const uint32_t* b, const uint32_t* e, float* d) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  const uint32_t bb[4] = {b[0], b[1], b[2], b[3]};
+  sparsekit::sp24::mma_sp<false>(acc, a[threadIdx.x], bb, e[threadIdx.x]);
+  sparsekit::sp24::mma_sp<true>(acc, a[threadIdx.x], bb, e[threadIdx.x]);
+  for (int i = 0; i < 4; ++i) d[threadIdx.x * 4 + i] = acc[i];
+}
+"""
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["ordered_metadata", "plain_mma_sp"])
+def test_both_mma_sp_spellings_compile_to_sparse_tensor_core_code(tmp_path, plain):
+    # CUDA 12.0-12.4 lack mma.sp::ordered_metadata (PTX ISA 8.5): their builds take plain
+    # mma.sp. Compile the kernels' MMA both ways, here, for sm_80 and sm_90.
+    if _nvcc() is None:
+        pytest.skip("no nvcc on PATH")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump in the triton wheel")
+    src = tmp_path / "probe.cu"
+    src.write_text(_MMA_PROBE)
+    include = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cuda")
+    defines = ["-DSPARSEKIT_SP24_PLAIN_MMA_SP"] if plain else []
+    ptx = subprocess.run([_nvcc(), "-ptx", "-arch=sm_80", "-std=c++17", f"-I{include}", *defines,
+                          str(src), "-o", str(tmp_path / "probe.ptx")],
+                         capture_output=True, text=True)
+    assert ptx.returncode == 0, ptx.stderr
+    text = (tmp_path / "probe.ptx").read_text()
+    assert ("ordered_metadata" in text) != plain
+    assert re.search(r"mma\.sp(::ordered_metadata)?\.sync\.aligned\.m16n8k32", text)
+    for arch in ("sm_80", "sm_90"):
+        cubin = tmp_path / f"probe_{arch}.cubin"
+        out = subprocess.run([_nvcc(), "-cubin", f"-arch={arch}", "-std=c++17", f"-I{include}",
+                              *defines, str(src), "-o", str(cubin)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+        assert re.search(r"HMMA\.SP\.16832\.F32 ", sass), f"no f16 HMMA.SP for {arch}"
+        assert re.search(r"HMMA\.SP\.16832\.F32\.BF16 ", sass), f"no bf16 HMMA.SP for {arch}"

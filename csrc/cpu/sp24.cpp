@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -38,6 +39,14 @@ void check_sp24_packed(const at::Tensor& packed_values, const at::Tensor& packed
                         packed_meta.is_contiguous(),
                     "packed_meta must be contiguous 1-D with ", L.meta_words(),
                     " entries for rows=", rows, ", k=", k, " (from sp24_pack)");
+  // The kernels read packed_values in 16-byte and packed_meta in 16- or 8-byte vectors: an
+  // offset view (a slice of a larger buffer) would be a misaligned access on the GPU.
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(packed_values.data_ptr()) % 16 == 0,
+                    "packed_values must start on a 16-byte boundary (pass the tensors "
+                    "sp24_pack returns, or a copy: not an offset view)");
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(packed_meta.data_ptr()) % 16 == 0,
+                    "packed_meta must start on a 16-byte boundary (pass the tensors "
+                    "sp24_pack returns, or a copy: not an offset view)");
 }
 
 // Shared with CUDA: the canonical 2:4 pair checked for packing.
@@ -50,6 +59,14 @@ sp24::PackedLayout check_sp24_canonical(const at::Tensor& values, const at::Tens
   return sp24::PackedLayout(values.size(0), k);
 }
 
+// The error for a group whose 2:4 indices are not strictly increasing (row, group, nibble).
+void fail_unordered_sp24_metadata(int64_t row, int64_t group, uint32_t nibble) {
+  TORCH_CHECK_VALUE(false, "metadata row ", row, ", group ", group, ": kept indices ",
+                    nibble & 3u, " and ", nibble >> 2, " are not strictly increasing; the "
+                    "sparse tensor cores need canonical 2:4 metadata (as sparsekit.compress "
+                    "writes it)");
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> sp24_pack_cpu(const at::Tensor& values_in,
@@ -57,6 +74,15 @@ std::tuple<at::Tensor, at::Tensor> sp24_pack_cpu(const at::Tensor& values_in,
   const sp24::PackedLayout L = check_sp24_canonical(values_in, metadata_in, k);
   const at::Tensor values = values_in.contiguous();
   const at::Tensor metadata = metadata_in.contiguous();
+  const int64_t groups = (k + 3) / 4;
+  for (int64_t r = 0; r < metadata.size(0); ++r) {
+    const uint8_t* row_meta = metadata.data_ptr<uint8_t>() + r * metadata.size(1);
+    for (int64_t g = 0; g < groups; ++g) {
+      if (!sp24::meta_group_ordered(row_meta, g)) {
+        fail_unordered_sp24_metadata(r, g, (row_meta[g >> 1] >> ((g & 1) * 4)) & 0xFu);
+      }
+    }
+  }
   at::Tensor pv = at::empty({L.values_numel()}, values.options());
   at::Tensor pm = at::empty({L.meta_words()}, metadata.options().dtype(at::kInt));
   const auto* src = reinterpret_cast<const uint16_t*>(values.data_ptr());

@@ -19,8 +19,11 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <atomic>
+
 #include "../checks.h"
 #include "../sp24_layout.h"
+#include "sp24_mma.cuh"
 
 namespace sparsekit {
 
@@ -28,6 +31,7 @@ void check_sp24_packed(const at::Tensor& packed_values, const at::Tensor& packed
                        int64_t rows, int64_t k);
 sp24::PackedLayout check_sp24_canonical(const at::Tensor& values, const at::Tensor& metadata,
                                         int64_t k);
+void fail_unordered_sp24_metadata(int64_t row, int64_t group, uint32_t nibble);
 
 namespace {
 
@@ -51,12 +55,48 @@ __global__ void pack_kernel(const uint16_t* __restrict__ values, int64_t values_
   }
 }
 
+// The first (row * groups + group) whose indices are not strictly increasing, by atomicMin
+// into *first_bad (initialised to the number of groups: none).
+__global__ void find_unordered_kernel(const uint8_t* __restrict__ meta, int64_t rows,
+                                      int64_t groups, int64_t meta_bytes,
+                                      unsigned long long* first_bad) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * groups) return;
+  const int64_t row = idx / groups, g = idx % groups;
+  if (!sp24::meta_group_ordered(meta + row * meta_bytes, g)) {
+    atomicMin(first_bad, static_cast<unsigned long long>(idx));
+  }
+}
+
+// Refuses metadata that mma.sp cannot take (see meta_group_ordered). One small kernel and
+// one read back per packing, which happens once per weight; inside CUDA graph capture the
+// read back is impossible, and the check is left to the packing outside capture.
+void check_ordered_metadata(const at::Tensor& metadata, int64_t k, cudaStream_t stream) {
+  const int64_t rows = metadata.size(0), groups = (k + 3) / 4, total = rows * groups;
+  if (total == 0) return;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;
+  at::Tensor first_bad = at::full({1}, total, metadata.options().dtype(at::kLong));
+  find_unordered_kernel<<<(total + 255) / 256, 256, 0, stream>>>(
+      metadata.data_ptr<uint8_t>(), rows, groups, metadata.size(1),
+      reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t bad = first_bad.item<int64_t>();
+  if (bad < total) {
+    const int64_t row = bad / groups, g = bad % groups;
+    const uint8_t byte = metadata.select(0, row).select(0, g >> 1).item<uint8_t>();
+    fail_unordered_sp24_metadata(row, g, (byte >> ((g & 1) * 4)) & 0xFu);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> sp24_pack_cuda(const at::Tensor& values_in,
                                                   const at::Tensor& metadata_in, int64_t k) {
   const PackedLayout L = check_sp24_canonical(values_in, metadata_in, k);
   const c10::cuda::CUDAGuard guard(values_in.device());
   const at::Tensor values = values_in.contiguous();
   const at::Tensor metadata = metadata_in.contiguous();
+  check_ordered_metadata(metadata, k, c10::cuda::getCurrentCUDAStream());
   at::Tensor pv = at::empty({L.values_numel()}, values.options());
   at::Tensor pm = at::empty({L.meta_words()}, metadata.options().dtype(at::kInt));
   const int64_t work = L.row_tiles * L.k_tiles * 32;
@@ -89,31 +129,7 @@ struct Elem<__nv_bfloat16> {
   __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 };
 
-// d += A (sparse, 16 x 32 stored as 16 x 16) * B (32 x 8), metadata e, selector 0.
-// Volatile, like the loads below: the kernels issue every load of the next step before
-// the MMAs of this one, and the compiler must not sink the loads back to their use.
-#define SK_MMA_SP(AB)                                                                      \
-  asm volatile("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32." AB "." AB     \
-               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, "               \
-               "{%0, %1, %2, %3}, %12, 0x0;\n"                                               \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                             \
-               : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]),    \
-                 "r"(b[3]), "r"(e))
-
-template <bool kBf16>
-__device__ __forceinline__ void mma_sp(float (&d)[4], const uint4& a, const uint32_t (&b)[4],
-                                       uint32_t e) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (kBf16) {
-    SK_MMA_SP("bf16");
-  } else {
-    SK_MMA_SP("f16");
-  }
-#else
-  __trap();  // the launcher refuses devices below sm_80
-#endif
-}
-#undef SK_MMA_SP
+using sp24::mma_sp;
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -165,7 +181,7 @@ __device__ __forceinline__ uint32_t component(const uint4& v, int i) {
 // ---------------------------------------------------------------- small batch
 
 constexpr int kSmallWarps = 8;
-constexpr int kSmallMaxBatch = 2 * sp24::kBatch;
+using sp24::kSmallMaxBatch;
 
 // The registers of one step: 4 tiles (one metadata vector) of W and the matching x.
 template <int kNT>
@@ -284,10 +300,9 @@ __global__ void finish_kernel(const float* __restrict__ partial, const T* __rest
 // ---------------------------------------------------------------- large batch
 
 namespace tiled = sp24::tiled;
-constexpr int kBigStages = 4;  // cp.async pipeline depth
-constexpr size_t kBigSmem = sizeof(tiled::Stage) * kBigStages;
 
-template <typename T>
+// kStages: cp.async pipeline depth, chosen per GPU from its shared memory (stages_for_smem).
+template <typename T, int kStages>
 __global__ __launch_bounds__(tiled::kThreads) void large_batch_kernel(
     const T* __restrict__ x, int64_t batch, int64_t kx, int64_t ldx,
     const uint4* __restrict__ packed_values, const uint32_t* __restrict__ packed_meta,
@@ -334,7 +349,7 @@ __global__ __launch_bounds__(tiled::kThreads) void large_batch_kernel(
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 
 #pragma unroll
-  for (int s = 0; s < kBigStages - 1; ++s) {
+  for (int s = 0; s < kStages - 1; ++s) {
     if (s < steps) load(s, s);
     cp_async_commit();
   }
@@ -342,13 +357,13 @@ __global__ __launch_bounds__(tiled::kThreads) void large_batch_kernel(
   // Lanes that supply no metadata read a neighbour's word (the MMA ignores it).
   const int meta_lane = sp24::meta_lane_of(lane) & (sp24::kMetaLanes - 1);
   for (int64_t step = 0; step < steps; ++step) {
-    cp_async_wait<kBigStages - 2>();
+    cp_async_wait<kStages - 2>();
     __syncthreads();
-    const int64_t next = step + kBigStages - 1;
-    if (next < steps) load(static_cast<int>(next % kBigStages), next);
+    const int64_t next = step + kStages - 1;
+    if (next < steps) load(static_cast<int>(next % kStages), next);
     cp_async_commit();
 
-    const tiled::Stage& s = stages[step % kBigStages];
+    const tiled::Stage& s = stages[step % kStages];
 #pragma unroll
     for (int kt = 0; kt < tiled::kTiles; ++kt) {
       uint32_t b[tiled::kWarpBatchTiles][4];
@@ -415,6 +430,38 @@ KSplit split_k(int64_t blocks, int64_t work, int64_t min_per_split, int64_t targ
   return {std::max<int64_t>((work + per - 1) / per, 1), per};
 }
 
+// Pipeline depth of the tiled kernel on `device` (0: it does not fit), asked once per device.
+int tiled_stages(int device) {
+  static std::atomic<int> cached[64] = {};  // stages + 1 once known, per device
+  if (device >= 0 && device < 64) {
+    const int known = cached[device].load();
+    if (known > 0) return known - 1;
+  }
+  const int stages = tiled::stages_for_smem(
+      device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (device >= 0 && device < 64) cached[device].store(stages + 1);
+  return stages;
+}
+
+// One tiled launch with kStages stages; the opt-in to more than 48 KiB of dynamic shared
+// memory is made once per (device, dtype, depth).
+template <typename T, int kStages>
+void launch_tiled(dim3 grid, cudaStream_t stream, int device, const T* x, int64_t batch,
+                  int64_t kx, int64_t ldx, const uint4* pv, const uint32_t* pm, const T* bias,
+                  T* y, float* partial, const PackedLayout& L, int64_t per_split) {
+  constexpr size_t smem = sizeof(tiled::Stage) * kStages;
+  static std::atomic<bool> attribute_set[64] = {};
+  if (device < 0 || device >= 64 || !attribute_set[device].load()) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(large_batch_kernel<T, kStages>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+    if (device >= 0 && device < 64) attribute_set[device].store(true);
+  }
+  large_batch_kernel<T, kStages><<<grid, tiled::kThreads, smem, stream>>>(
+      x, batch, kx, ldx, pv, pm, bias, y, partial, L, per_split);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T>
 void launch(const at::Tensor& x, int64_t kx, const at::Tensor& pv, const at::Tensor& pm,
             const T* bias, at::Tensor& y, const PackedLayout& L) {
@@ -457,14 +504,11 @@ void launch(const at::Tensor& x, int64_t kx, const at::Tensor& pv, const at::Ten
     finish(split.splits);
     return;
   }
-  static bool attribute_set[64] = {};  // per device: the opt-in shared memory size
   const int device = x.get_device();
-  if (device < 64 && !attribute_set[device]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(large_batch_kernel<T>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(kBigSmem)));
-    attribute_set[device] = true;
-  }
+  const int stages = tiled_stages(device);
+  TORCH_CHECK(stages > 0, "the tiled 2:4 kernel needs ", tiled::kMinStages * sizeof(tiled::Stage),
+              " bytes of shared memory per block; this GPU allows ",
+              device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const int64_t row_blocks = (L.row_tiles + tiled::kRowTiles - 1) / tiled::kRowTiles;
   const int64_t batch_blocks = (batch + tiled::kN - 1) / tiled::kN;
   const int64_t steps = ((kx + sp24::kK - 1) / sp24::kK + tiled::kTiles - 1) / tiled::kTiles;
@@ -477,10 +521,20 @@ void launch(const at::Tensor& x, int64_t kx, const at::Tensor& pv, const at::Ten
   }
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(batch_blocks),
                   static_cast<unsigned>(split.splits));
-  large_batch_kernel<T><<<grid, tiled::kThreads, kBigSmem, stream>>>(
-      xp, batch, kx, x.stride(0), pvp, reinterpret_cast<const uint32_t*>(pm.data_ptr()), bias,
-      yp, partial_ptr, L, split.per_split);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto* pmp = reinterpret_cast<const uint32_t*>(pm.data_ptr());
+  switch (stages) {
+    case 4:
+      launch_tiled<T, 4>(grid, stream, device, xp, batch, kx, x.stride(0), pvp, pmp, bias, yp,
+                         partial_ptr, L, split.per_split);
+      break;
+    case 3:
+      launch_tiled<T, 3>(grid, stream, device, xp, batch, kx, x.stride(0), pvp, pmp, bias, yp,
+                         partial_ptr, L, split.per_split);
+      break;
+    default:
+      launch_tiled<T, 2>(grid, stream, device, xp, batch, kx, x.stride(0), pvp, pmp, bias, yp,
+                         partial_ptr, L, split.per_split);
+  }
   finish(split.splits);
 }
 
@@ -537,6 +591,9 @@ at::Tensor sp24_linear_cuda(const at::Tensor& x_in, const at::Tensor& packed_val
 }
 
 }  // namespace
+
+// The sparse MMA instruction this build's 2:4 kernels use (build_info reports it).
+const char* sp24_mma_instruction() { return sp24::kMmaInstruction; }
 
 TORCH_LIBRARY_IMPL(sparsekit, CUDA, lib) {
   lib.impl("sp24_pack", &sp24_pack_cuda);
