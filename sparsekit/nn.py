@@ -259,15 +259,15 @@ class SparseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be [batch, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        padding = self.padding
-        if padding == "same":
-            x, padding = self._same_padding(x)
-        return self._sparse_forward(x, padding)
+        return self._sparse_forward(x)
 
-    def _sparse_forward(self, x: torch.Tensor, padding) -> torch.Tensor:
+    def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The sparse path: 1x1 kernels without padding as a direct N:M product over channels
         (pixels as the batch; a stride subsamples x first), every other kernel through the
         implicit-GEMM convolution sparsekit.ops.nm_conv2d."""
+        padding = self.padding
+        if padding == "same":
+            x, padding = self._same_padding(x)
         if self.kernel_size == (1, 1) and padding == (0, 0):
             if self.stride != (1, 1):
                 x = x[:, :, ::self.stride[0], ::self.stride[1]]
