@@ -94,6 +94,17 @@ def cuda_rows(data):
                    f"{info['ratio']:.2f}x", "")
 
 
+def conv_rows(data):
+    """Rows of bench/bench_conv.py: one 2:4 convolution shape (SparseConv2d) against
+    F.conv2d on the same pruned weight."""
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if info.get("kind") == "conv_layer":
+            yield (info["what"], str(info["batch"]), info["kernel"],
+                   f"{info['dense_s'] * 1e3:.3f} ms", f"{info['sparse_s'] * 1e3:.3f} ms",
+                   f"{info['ratio']:.2f}x")
+
+
 def plot_linear(data, path):
     try:
         import matplotlib
@@ -166,6 +177,11 @@ def main(path):
         gpu_line(data, "gpu_")
         table(["2:4 on the GPU", "batch", "dense (cuBLAS)", "sparsekit sp24", "sparsekit Triton",
                "torch semi-structured", "sp24 vs dense", "sp24 vs semi-structured"], cuda)
+    conv = list(conv_rows(data))
+    if conv:
+        print()
+        table(["conv 2:4 (fp32)", "batch", "sparse kernel", "dense F.conv2d", "sparsekit",
+               "speed-up"], conv)
     modules = list(module_rows(data))
     if modules:
         print()
