@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -48,6 +49,20 @@ at::Tensor decompress(const at::Tensor& values, const at::Tensor& metadata, int6
                        .findSchemaOrThrow("sparsekit::nm_decompress", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t)>();
   return op.call(values, metadata, k, n, m);
+}
+
+// Floats of a tile's input window per channel block (SPARSEKIT_CONV_WINDOW overrides it).
+// Thread CPU time of ResNet-18's stride-1 3x3 layers at batch 1, one thread, AVX-512 (on a
+// busy 2-core AMD EPYC, so +-10%): 6144 floats (24 KB) 2.6 / 2.6 / 2.9 / 5.5 ms for 64 /
+// 128 / 256 / 512 channels; 12000: 2.6 / 2.7 / 2.8 / 4.4 ms; 24000: 3.0 / 3.2 / 3.4 / 4.7;
+// one block (no K-blocking): 3.5 / 3.8 / 3.4 / 4.6. The window estimate counts every row
+// and phase a tile may touch, more than it reads at once.
+int64_t window_floats() {
+  static const int64_t floats = [] {
+    const char* env = std::getenv("SPARSEKIT_CONV_WINDOW");
+    return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : int64_t{12000};
+  }();
+  return floats;
 }
 
 // Input floats of one channel that a tile of `width` pixels reads: the output rows it
@@ -156,13 +171,13 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
   for (const auto& [q0, q1] : ranges)
     for (int64_t q = q0; q < q1; q += tile_w) tiles.push_back(q);
 
-  // Channel blocks whose input window (all phases, tile rows plus the kernel's reach)
-  // stays within ~24 KB of L1, in whole groups; one block when groups cross kernel
+  // Channel blocks whose input window (all phases, tile rows plus the kernel's reach) is
+  // about window_floats(), in whole groups; one block when groups cross kernel
   // positions (C_in not a multiple of M, e.g. the 3-channel stem).
   std::vector<int64_t> seg, seg_begin{0};
   if (in_channels % m == 0) {
     const int64_t per_channel = window_per_channel(tile_w, wq, kh, dh, sh, std::min(phases, kh * kw));
-    const int64_t cb = std::clamp<int64_t>((6144 / per_channel) / m * m, m, in_channels);
+    const int64_t cb = std::clamp<int64_t>((window_floats() / per_channel) / m * m, m, in_channels);
     for (int64_t c0 = 0; c0 < in_channels; c0 += cb) {
       const int64_t c1 = std::min(c0 + cb, in_channels);
       for (int64_t pos = 0; pos < kh * kw; ++pos) {
