@@ -85,7 +85,10 @@ class NMLinear : public torch::autograd::Function<NMLinear> {
     if (ctx->needs_input_grad(1)) dvalues = call_sddmm(g, x, metadata, p.k, p.n, p.m);
     // The bias is the fourth differentiable input only when it was given.
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
-      dbias = g.reshape({-1, values.size(0)}).sum(0);
+      // Summed over every leading dim (a reshape to {-1, rows} fails when rows = 0).
+      std::vector<int64_t> lead(g.dim() - 1);
+      for (int64_t d = 0; d + 1 < g.dim(); ++d) lead[d] = d;
+      dbias = lead.empty() ? g.clone() : g.sum(lead);
     }
     return {dx, dvalues, Tensor(), dbias, Tensor(), Tensor(), Tensor()};
   }

@@ -89,8 +89,9 @@ namespace sparsekit {
   const int64_t row = bad / L.groups, g = bad % L.groups;
   TORCH_CHECK_VALUE(false, "metadata is corrupt at row ", row, ", group ", g, " (",
                     group_columns(g, L.m, L.k), "): kept indices must be strictly "
-                    "increasing, below m=", L.m, ", and padding beyond k=", L.k,
-                    " must hold zeros");
+                    "increasing, below m=", L.m, ", point into the padding beyond k=", L.k,
+                    " only in a group of fewer than n=", L.n,
+                    " real columns (keeping 0..n-1), and padding must hold zeros");
 }
 
 [[noreturn]] inline void raise_nan_score(int64_t row, int64_t col) {

@@ -220,7 +220,8 @@ SK_HOST_DEVICE int64_t compress_chunk(const Bits* row, Bits* vals, uint8_t* meta
 
 // Decompresses one chunk of one row into `row` (K entries). Returns -1, or the index of
 // the first group whose metadata is not canonical (an index >= M, indices not strictly
-// increasing, or a nonzero value stored at a padding position beyond K).
+// increasing, an index into K's padding where the group has N real columns, or a nonzero
+// value stored at a padding position beyond K): the rule of sparsekit.format.check_metadata.
 template <typename Bits, int kN = 0, int kM = 0>
 SK_HOST_DEVICE int64_t decompress_chunk(const Bits* vals, const uint8_t* meta, Bits* row,
                                         const NMLayout& L, int64_t chunk) {
@@ -258,6 +259,9 @@ SK_HOST_DEVICE int64_t decompress_chunk(const Bits* vals, const uint8_t* meta, B
         return g;
       }
     }
+    // Canonical: a group with at least N real columns never points into K's padding, and
+    // one with fewer keeps exactly 0..N-1 (with increasing indices: last index below both).
+    if (prev >= (width > n ? width : n)) return g;
     for (int i = 0; i < width; ++i) row[base + i] = group[i];
   }
   return -1;

@@ -63,6 +63,11 @@ TORCH_LIBRARY(sparsekit, lib) {
   // sp24_linear multiplies on it (CUDA); sp24_emulate_linear replays the MMA fragment rules
   // on the CPU in float64, to check the layout without a GPU (staged: through the large-batch
   // kernel's shared-memory staging and ldmatrix, else the small-batch kernel's loads).
+  // (values, metadata) -> dense [rows, k] written into `out` (contiguous, values' dtype):
+  // the dense path of the layers' kernel choice reuses one scratch buffer with it.
+  lib.def(
+      "nm_decompress_into(Tensor values, Tensor metadata, int k, int n, int m, Tensor(a!) out) "
+      "-> ()");
   lib.def("sp24_pack(Tensor values, Tensor metadata, int k) -> (Tensor, Tensor)");
   lib.def(
       "sp24_linear(Tensor x, Tensor packed_values, Tensor packed_meta, Tensor? bias, int rows, "

@@ -19,8 +19,11 @@ from .nn import SparseConv2d, SparseLinear  # noqa: E402
 from .convert import SparsifyReport, densify, sparsify  # noqa: E402
 from . import prune  # noqa: E402
 from .ops import explain  # noqa: E402
+from . import dispatch  # noqa: E402
+from .dispatch import kernel_choice  # noqa: E402
 
 __all__ = ["masks", "ops", "reference", "NMTensor", "compress", "parse_pattern", "explain",
+           "dispatch", "kernel_choice",
            "prune", "SparseLinear", "SparseConv2d", "sparsify", "densify", "SparsifyReport", "build_info", "__version__"]
 
 

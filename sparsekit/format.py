@@ -13,6 +13,8 @@ tensor cores read, and fp16/bf16 weights take 9/16 of their dense bytes.
 
 from __future__ import annotations
 
+import functools
+import math
 import numbers
 
 import torch
@@ -20,7 +22,7 @@ import torch
 from . import ops
 from .reference import index_bits
 
-__all__ = ["NMTensor", "compress", "parse_pattern", "check_pattern"]
+__all__ = ["NMTensor", "compress", "check_metadata", "parse_pattern", "check_pattern"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -61,12 +63,200 @@ def _check_weight(w, name="w"):
         )
 
 
+def _unpack_fields(metadata: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """uint8 [rows, B] little-endian bit stream -> uint8 fields [rows, count] (bits <= 5).
+
+    The stream is cut into chunks of lcm(bits, 8) bits (whole bytes holding whole fields,
+    one byte for 2:4), so each field's position inside its chunk is a constant: one strided
+    shift-and-mask per field of a chunk, never an index tensor per field."""
+    rows, nbytes = metadata.shape
+    chunk_bits = bits * 8 // math.gcd(bits, 8)
+    chunk_bytes, per_chunk = chunk_bits // 8, chunk_bits // bits
+    chunks = -(-nbytes // chunk_bytes)
+    padded = torch.nn.functional.pad(metadata, (0, chunks * chunk_bytes - nbytes))
+    c = padded.view(rows, chunks, chunk_bytes)
+    mask = (1 << bits) - 1
+    out = torch.empty(rows, chunks, per_chunk, dtype=torch.uint8, device=metadata.device)
+    for f in range(per_chunk):
+        byte, shift = divmod(f * bits, 8)
+        field = c[..., byte] >> shift
+        if shift + bits > 8:  # the field continues in the next byte
+            field = field | (c[..., byte + 1] << (8 - shift))
+        out[..., f] = field & mask
+    return out.view(rows, chunks * per_chunk)[:, :count]
+
+
+# Fields per validation block: bounds the temporaries (a few bytes per field) at a time.
+_CHECK_FIELDS_PER_BLOCK = 1 << 22
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_ok_table(n: int, m: int) -> torch.Tensor:
+    """bool [256]: whether a metadata byte holding 8 / (n*b) whole groups, all with m real
+    columns, is canonical (each group's indices below m and strictly increasing)."""
+    bits = index_bits(m)
+    ok = []
+    for byte in range(256):
+        fields = [(byte >> (i * bits)) & ((1 << bits) - 1) for i in range(8 // bits)]
+        groups = [fields[g * n:(g + 1) * n] for g in range(8 // (n * bits))]
+        ok.append(all(max(g) < m and all(a < b for a, b in zip(g, g[1:])) for g in groups))
+    return torch.tensor(ok)
+
+
+def _check_groups(meta, values, r0, g0, k, n, m, name, values_name, last_byte):
+    """Checks groups g0.. of rows r0.. whose fields start at the first bit of `meta`; raises
+    ValueError naming the first bad (row, group). `last_byte`: meta ends with the row's
+    last byte, whose bits after the last field must be 0. `values`: the slots of the same
+    groups, or None."""
+    bits = index_bits(m)
+    rows, groups = meta.shape[0], -(-k // m) - g0
+    idx = _unpack_fields(meta, bits, groups * n).view(rows, groups, n)
+    bad = (idx >= m).any(-1)
+    if n > 1:
+        bad |= (idx[..., 1:] <= idx[..., :-1]).any(-1)
+    order_bad = bad.clone()
+    tail = k % m  # real columns of the last group when it is partial: only it touches padding
+    if last_byte and tail:
+        # Indices below max(tail, n): with increasing indices that is "no padding" when the
+        # group has n real columns, and exactly 0..n-1 when it has fewer.
+        bad[:, -1] |= idx[:, -1, -1] >= max(tail, n)
+        if values is not None:
+            bad[:, -1] |= ((idx[:, -1] >= tail) & (values[:, -n:] != 0)).any(-1)
+    tail_bits = (g0 + groups) * n * bits % 8
+    if last_byte and tail_bits:
+        bad[:, -1] |= (meta[:, -1] >> tail_bits) != 0
+    if not bool(bad.any()):
+        return
+    row, group = torch.nonzero(bad)[0].tolist()
+    kept = tuple(idx[row, group].tolist())
+    w = min(m, k - (g0 + group) * m)
+    if bool(order_bad[row, group]):
+        why = f"kept indices {kept} must be strictly increasing and below m={m}"
+    elif kept[-1] >= max(w, n):
+        why = (f"kept indices {kept} point into the zero padding beyond k={k}, though the group "
+               f"has {w} real column(s)" + (f" (it must keep exactly {tuple(range(n))})"
+                                            if w < n else ""))
+    elif values is not None and any(i >= w and v != 0 for i, v in
+                                    zip(kept, values[row, group * n:(group + 1) * n].tolist())):
+        why = (f"{values_name} holds a nonzero entry at a padding position beyond k={k} "
+               f"(kept indices {kept})")
+    else:
+        why = f"the bits after the last index field must be 0 (last byte {int(meta[row, -1])})"
+    group += g0
+    lo, hi = group * m, min(group * m + m, k) - 1
+    raise ValueError(f"{name} is not canonical {n}:{m} metadata at row {r0 + row}, group {group} "
+                     f"(columns {lo}..{hi}): {why}")
+
+
+def _passes_compiled_decompress(metadata, values, k, n, m, count, bits) -> bool:
+    """CPU fast path for patterns without the byte table: the compiled decompress kernel
+    applies the same rule (csrc/nm_format.h) in parallel, a block of rows at a time; the
+    bits after the last field are checked here. False when it is not available or finds
+    something, and the torch path then locates the error and says what it is."""
+    if (metadata.device.type != "cpu" or 8 % (n * bits) == 0
+            or not torch._C._dispatch_has_kernel_for_dispatch_key("sparsekit::nm_decompress",
+                                                                  "CPU")):
+        return False
+    tail_bits = count * bits % 8
+    if tail_bits and bool(((metadata[:, -1] >> tail_bits) != 0).any()):
+        return False
+    rows = metadata.shape[0]
+    block = max(1, _CHECK_FIELDS_PER_BLOCK // max(k, 1))
+    for r0 in range(0, rows, block):
+        vals = (torch.zeros(min(block, rows - r0), count, dtype=torch.float16) if values is None
+                else values[r0:r0 + block])
+        if not vals.is_floating_point() or vals.element_size() < 2:
+            return False
+        try:
+            ops.nm_decompress(vals, metadata[r0:r0 + block], k, n, m)
+        except ValueError:
+            return False
+    return True
+
+
+def check_metadata(metadata: torch.Tensor, k: int, n: int, m: int, name: str = "metadata", *,
+                   values: torch.Tensor | None = None, values_name: str = "values") -> None:
+    """Raises ValueError unless `metadata` is canonical N:M metadata for a [rows, k] weight.
+
+    Canonical (DESIGN.md): uint8 [rows, ceil(ceil(k/m)*n*b/8)], b = ceil(log2 m); inside every
+    group the n kept indices are below m and strictly increasing; a group with at least n
+    real columns (columns below k) never points into K's zero padding, and a group with
+    fewer real columns keeps exactly indices 0..n-1 (all its columns, then the lowest
+    padding slots); the unused bits after the last field are 0. With `values` (the kept
+    entries, [rows, ceil(k/m)*n]) the slots pointing into padding must also hold 0.
+
+    The error names `name` (e.g. the state_dict key), the row and the group. Vectorized
+    torch: runs on the tensor's device (CPU or CUDA) and returns None when all is well.
+    Patterns whose groups fill whole bytes (2:4, 1:2, 2:3, 1:4) check full groups with one
+    256-entry table lookup per byte; on the CPU the others first try the compiled
+    decompress kernel, which applies the same rule.
+
+    >>> t = compress(torch.randn(4, 8), 2, 4, prune=True)
+    >>> check_metadata(t.metadata, 8, 2, 4)
+    >>> check_metadata(torch.full((4, 1), 0x05, dtype=torch.uint8), 8, 2, 4)
+    Traceback (most recent call last):
+        ...
+    ValueError: metadata is not canonical 2:4 metadata at row 0, group 0 (columns 0..3): kept indices (1, 1) must be strictly increasing and below m=4
+    """
+    n, m = check_pattern(n, m)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    k = int(k)
+    if not isinstance(metadata, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(metadata).__name__}")
+    if metadata.dtype != torch.uint8:
+        raise TypeError(f"{name} must be uint8 (packed N:M indices), got {metadata.dtype}")
+    bits = index_bits(m)
+    groups = -(-k // m)
+    count = groups * n
+    meta_bytes = (count * bits + 7) // 8
+    if metadata.dim() != 2 or metadata.shape[1] != meta_bytes:
+        raise ValueError(f"{name} must have shape [rows, {meta_bytes}] for k={k} and {n}:{m}, "
+                         f"got {tuple(metadata.shape)}")
+    rows = metadata.shape[0]
+    if values is not None:
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(f"{values_name} must be a torch.Tensor, got {type(values).__name__}")
+        if tuple(values.shape) != (rows, count):
+            raise ValueError(f"{values_name} must have shape {(rows, count)} for {name} of "
+                             f"shape {tuple(metadata.shape)}, k={k} and {n}:{m}, got "
+                             f"{tuple(values.shape)}")
+        if values.device != metadata.device:
+            raise ValueError(f"{values_name} and {name} must be on one device, got "
+                             f"{values.device} and {metadata.device}")
+    if rows == 0 or count == 0:
+        return
+    if _passes_compiled_decompress(metadata, values, k, n, m, count, bits):
+        return
+    # Full groups of byte-sized chunks go through the table; the rest (the last, partial
+    # group with its padding, or every group of other patterns) through the field decoder.
+    per_byte = 8 // (n * bits) if 8 % (n * bits) == 0 else 0
+    table_bytes = (k // m) // per_byte if per_byte else 0
+    g0 = table_bytes * per_byte
+    block = max(1, _CHECK_FIELDS_PER_BLOCK // max(count, 1))
+    for r0 in range(0, rows, block):
+        meta = metadata[r0:r0 + block]
+        if table_bytes:
+            ok = _byte_ok_table(n, m).to(meta.device)[meta[:, :table_bytes].int()]
+            if not bool(ok.all()):
+                row, byte = torch.nonzero(~ok)[0].tolist()
+                _check_groups(meta[row:row + 1, byte:byte + 1], None, r0 + row,
+                              byte * per_byte, (byte + 1) * per_byte * m, n, m, name,
+                              values_name, False)
+        if g0 < groups:
+            _check_groups(meta[:, table_bytes:],
+                          None if values is None else values[r0:r0 + block, g0 * n:],
+                          r0, g0, k, n, m, name, values_name, True)
+
+
 class NMTensor:
     """An N:M sparse matrix in the canonical compressed form (values + metadata).
 
     Attributes: `values`, `metadata`, `shape` (the logical [rows, K]), `n`, `m`.
     `to_dense()` reconstructs the dense matrix exactly. Survives torch.save/load (also
     with weights_only=True once sparsekit is imported), copy.deepcopy and `.to()`.
+    The constructor, and unpickling, validate the pair (`check_metadata`): metadata that is
+    not canonical raises ValueError naming the row and group.
 
     >>> w = torch.tensor([[0.0, 1.5, 0.0, -2.0, 3.0, 0.0, 0.0, 0.0]])
     >>> t = compress(w, 2, 4)
@@ -101,11 +291,33 @@ class NMTensor:
                 f"values and metadata must be on one device, got {values.device} and "
                 f"{metadata.device}"
             )
+        if metadata.device.type != "meta":  # meta tensors hold no data to check
+            check_metadata(metadata, k, n, m, values=values)
+        self._set(values, metadata, shape, n, m)
+
+    def _set(self, values, metadata, shape, n, m):
         self.values = values
         self.metadata = metadata
         self._shape = shape
         self.n = n
         self.m = m
+
+    @classmethod
+    def _canonical(cls, values, metadata, shape, n, m) -> "NMTensor":
+        # For tensors canonical by construction (compress, .to(), clone): no second check.
+        t = cls.__new__(cls)
+        t._set(values, metadata, tuple(shape), n, m)
+        return t
+
+    def __setstate__(self, state):
+        # Unpickling (torch.load, also with weights_only=True, and copy) goes through every
+        # check of the constructor: a stored NMTensor is as untrusted as any other input.
+        try:
+            args = (state["values"], state["metadata"], state["_shape"], state["n"], state["m"])
+        except (TypeError, KeyError):
+            raise ValueError("not the state of a sparsekit NMTensor (values, metadata, shape, "
+                             "n, m)") from None
+        self.__init__(*args)
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -152,7 +364,7 @@ class NMTensor:
         metadata = self.metadata.to(device=values.device, non_blocking=kwargs.get("non_blocking", False))
         if values is self.values and metadata is self.metadata:
             return self
-        return NMTensor(values, metadata, self._shape, self.n, self.m)
+        return NMTensor._canonical(values, metadata, self._shape, self.n, self.m)
 
     def cpu(self) -> "NMTensor":
         return self.to("cpu")
@@ -171,7 +383,8 @@ class NMTensor:
         return self.to(torch.float32)
 
     def clone(self) -> "NMTensor":
-        return NMTensor(self.values.clone(), self.metadata.clone(), self._shape, self.n, self.m)
+        return NMTensor._canonical(self.values.clone(), self.metadata.clone(), self._shape, self.n,
+                                   self.m)
 
     def __repr__(self) -> str:
         return (
@@ -201,4 +414,4 @@ def compress(w: torch.Tensor, n: int = 2, m: int = 4, prune: bool = False) -> NM
 
         w = torch.where(masks.nm(w, n, m), w, torch.zeros((), dtype=w.dtype, device=w.device))
     values, metadata = ops.nm_compress(w, n, m)
-    return NMTensor(values, metadata, w.shape, n, m)
+    return NMTensor._canonical(values, metadata, w.shape, n, m)

@@ -1,8 +1,15 @@
 """Drop-in sparse layers: `SparseLinear` keeps an N:M weight compressed and multiplies on it.
 
     layer = SparseLinear.from_dense(torch.nn.Linear(4096, 4096), pattern="2:4")
-    y = layer(x)                      # sparsekit.ops.nm_linear: C++ kernels on the CPU
+    y = layer(x)                      # the sparse kernel or the dense path, whichever is faster
     layer.to_dense()                  # an equivalent torch.nn.Linear
+
+Each forward runs one of two candidates (sparsekit.dispatch): "sparse", sparsekit's N:M
+kernel on the compressed weight (sparsekit.ops.nm_linear), or "dense", the kept values
+decompressed into a reused scratch buffer and torch's own F.linear / F.conv2d. The choice
+is measured once per (shape, batch bucket, dtype, device) and cached; force it with
+`layer.kernel_choice = "sparse"` or `sparsekit.kernel_choice("dense")`, inspect it with
+`sparsekit.explain(layer, x)`.
 
 The kept values are the trainable Parameter (`values`); the index metadata is a buffer. A
 gradient exists for kept weights only, so pruned weights can never come back and weights,
@@ -11,17 +18,31 @@ gradients and optimizer state all stay at N/M of their dense size.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from . import masks, ops
-from .format import compress, parse_pattern
+from . import dispatch, masks, ops
+from .format import FLOAT_DTYPES, check_metadata, compress, parse_pattern
 from .reference import index_bits
 
 __all__ = ["SparseLinear", "SparseConv2d"]
 
 
-class SparseLinear(nn.Module):
+def _nm_dense_weight(values, metadata, k, n, m, *inputs):
+    """The dense [rows, k] weight for a dense-path call: with autograd (grad enabled and any
+    of values / inputs requiring grad) a new differentiable tensor, since backward keeps
+    it; otherwise this thread's reused scratch buffer (sparsekit.dispatch.scratch)."""
+    if (torch.compiler.is_compiling() or values.device.type == "meta" or
+            (torch.is_grad_enabled() and
+             any(t is not None and t.requires_grad for t in (values, *inputs)))):
+        return ops.nm_decompress(values, metadata, k, n, m)
+    out = dispatch.scratch((values.shape[0], k), values.dtype, values.device)
+    return ops.nm_decompress_into(values, metadata, k, n, m, out)
+
+
+class SparseLinear(dispatch.ModuleChoice, nn.Module):
     """y = x @ W^T + b with W [out_features, in_features] N:M sparse along in_features.
 
     Parameters: `values` [out_features, ceil(in/M)*N] (the kept weights, trainable) and
@@ -36,6 +57,7 @@ class SparseLinear(nn.Module):
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        _check_dtype(dtype)
         self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
         factory = {"device": device, "dtype": dtype}
         groups = -(-in_features // m)
@@ -91,8 +113,31 @@ class SparseLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have in_features = {self.in_features} in its last dim, "
+                             f"got {tuple(x.shape)}")
+        return dispatch.run(self, self._kernel_key(x), self._kernel_candidates, (self, x))
+
+    def _kernel_key(self, x: torch.Tensor) -> tuple:
+        return dispatch.make_key("linear", f"nm{self.n}:{self.m}",
+                                 (self.out_features, self.in_features),
+                                 math.prod(x.shape[:-1]), x, self.values.dtype)
+
+    def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.nm_linear(x, self.values, self.metadata, self.bias, self.in_features,
                              self.n, self.m)
+
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = _nm_dense_weight(self.values, self.metadata, self.in_features, self.n, self.m,
+                             x, self.bias)
+        return nn.functional.linear(x, w, self.bias)
+
+    # The kernels dispatch.run chooses from, {name: fn(module, x)}. Called by method name,
+    # so a subclass (or another format's forward) that overrides a method is the one run.
+    _kernel_candidates = {"sparse": lambda self, x: self._sparse_forward(x),
+                          "dense": lambda self, x: self._dense_forward(x)}
+    _kernel_descriptions = {"sparse": "sparsekit N:M kernel, ops.nm_linear",
+                            "dense": "torch F.linear on the decompressed weight"}
 
     @property
     def weight_nbytes(self) -> int:
@@ -131,30 +176,73 @@ class SparseLinear(nn.Module):
         if meta is not None:
             groups = -(-self.in_features // self.m)
             expected = (self.out_features, (groups * self.n * index_bits(self.m) + 7) // 8)
-            if meta.dtype != torch.uint8 or tuple(meta.shape) != expected:
-                raise ValueError(f"{prefix}metadata must be uint8 of shape {expected}, got "
-                                 f"{meta.dtype} {tuple(meta.shape)}")
+            if (not isinstance(meta, torch.Tensor) or meta.dtype != torch.uint8
+                    or tuple(meta.shape) != expected):
+                got = (f"{meta.dtype} {tuple(meta.shape)}" if isinstance(meta, torch.Tensor)
+                       else type(meta).__name__)
+                raise ValueError(f"{prefix}metadata must be uint8 of shape {expected}, got {got}")
+        _check_loaded_pair(state_dict, prefix, meta, self.metadata, self.values.shape,
+                           self.in_features, self.n, self.m)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _pair(v, name):
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(e, int) for e in v):
-        return tuple(v)
-    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+def _check_dtype(dtype):
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be a floating dtype (float32, float16, bfloat16 or float64) "
+                        f"for the kept weights, got {dtype}")
 
 
-class SparseConv2d(nn.Module):
+def _check_loaded_pair(state_dict, prefix, meta, own_meta, values_shape, k, n, m):
+    """Validates the metadata (and the kept values in K's padding) a state_dict brings, once,
+    at load: forward then trusts it. Errors name the state_dict key, the row and the group.
+    A pair held only partly by the state_dict is checked against the module's other half."""
+    values = state_dict.get(prefix + "values")
+    if values is not None and (not isinstance(values, torch.Tensor) or values.shape != values_shape):
+        return  # torch's own loading reports the size mismatch of the values first
+    if meta is None and values is None:
+        return
+    metadata = meta if meta is not None else own_meta
+    if metadata.device.type == "meta" or (values is not None and values.device.type == "meta"):
+        return  # no data to check (a module being materialised)
+    if values is not None:
+        values = values.detach().to(metadata.device)
+    meta_name = prefix + "metadata" + ("" if meta is not None else " (the module's own)")
+    check_metadata(metadata, k, n, m, name=meta_name, values=values,
+                   values_name=prefix + "values")
+
+
+def _pair(v, name, minimum):
+    def is_int(e):
+        return isinstance(e, int) and not isinstance(e, bool)
+
+    if is_int(v):
+        v = (v, v)
+    elif isinstance(v, (tuple, list)) and len(v) == 2 and all(is_int(e) for e in v):
+        v = tuple(v)
+    else:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+# What a SparseConv2d checkpoint must agree on besides the compressed weight's own shape:
+# kh*kw*C_in alone lets a (3, 1) kernel load into a (1, 3) one, or into a 1x1 of 3x C_in.
+_CONV_GEOMETRY = ("pattern", "in_channels", "out_channels", "kernel_size", "stride", "padding",
+                  "dilation")
+
+
+class SparseConv2d(dispatch.ModuleChoice, nn.Module):
     """2-D convolution with an N:M weight, groups of M along the reduction dim.
 
     The weight [out, C_in, kh, kw] is permuted to [out, kh, kw, C_in] and flattened to
     [out, K = kh*kw*C_in], so a group holds M consecutive input channels at one kernel
-    position (when C_in % M == 0; otherwise groups continue into the next position). The
-    product runs as sparsekit.ops.nm_linear directly on channels-last pixels for 1x1
-    kernels, and as the implicit-GEMM convolution sparsekit.ops.nm_conv2d (no unfold)
-    otherwise. Supports stride, padding (ints or 'same'),
-    dilation and bias; groups=1 only.
+    position (when C_in % M == 0; otherwise groups continue into the next position). Two
+    candidates compute it (sparsekit.dispatch chooses per call): "sparse", the
+    implicit-GEMM convolution sparsekit.ops.nm_conv2d (no unfold; 1x1 kernels the direct
+    N:M product sparsekit.ops.nm_linear over channels-last pixels); "dense", the weight
+    decompressed to [out, C_in, kh, kw] and torch's F.conv2d. Supports stride, padding
+    (ints or 'same'), dilation and bias; groups=1 only.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -166,9 +254,13 @@ class SparseConv2d(nn.Module):
                              "by SparseConv2d: only groups=1")
         if padding_mode != "zeros":
             raise ValueError(f"padding_mode={padding_mode!r} is not supported: only 'zeros'")
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        _check_dtype(dtype)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride, self.dilation = _pair(stride, "stride", 1), _pair(dilation, "dilation", 1)
         if padding == "same":
             if self.stride != (1, 1):
                 raise ValueError("padding='same' needs stride=1 (as in torch.nn.Conv2d)")
@@ -176,7 +268,7 @@ class SparseConv2d(nn.Module):
         elif padding == "valid":
             self.padding = (0, 0)
         else:
-            self.padding = _pair(padding, "padding")
+            self.padding = _pair(padding, "padding", 0)
         self.groups = 1
         self.reduction = self.kernel_size[0] * self.kernel_size[1] * in_channels
         self.linear = SparseLinear(self.reduction, out_channels, bias, pattern, device, dtype)
@@ -257,24 +349,53 @@ class SparseConv2d(nn.Module):
         return nn.functional.pad(x, pads), (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3 and x.shape[0] == self.in_channels:  # unbatched, as nn.Conv2d takes
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be [batch, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        return self._sparse_forward(x)
+            raise ValueError(f"x must be [batch, {self.in_channels}, H, W] or unbatched "
+                             f"[{self.in_channels}, H, W], got {tuple(x.shape)}")
+        return dispatch.run(self, self._kernel_key(x), self._kernel_candidates, (self, x))
+
+    def _kernel_key(self, x: torch.Tensor) -> tuple:
+        # The input's height and width are bucketed like the batch (powers of two).
+        shape = (self.out_channels, self.in_channels, *self.kernel_size, *self.stride,
+                 self.padding, *self.dilation, dispatch.batch_bucket(x.shape[2]),
+                 dispatch.batch_bucket(x.shape[3]))
+        return dispatch.make_key("conv2d", f"nm{self.linear.n}:{self.linear.m}", shape,
+                                 x.shape[0], x, self.values.dtype)
+
+    def _nm_product(self, x: torch.Tensor) -> torch.Tensor:
+        lin = self.linear
+        return ops.nm_linear(x, lin.values, lin.metadata, lin.bias, self.reduction, lin.n, lin.m)
 
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The sparse path: 1x1 kernels without padding as a direct N:M product over channels
-        (pixels as the batch; a stride subsamples x first), every other kernel through the
-        implicit-GEMM convolution sparsekit.ops.nm_conv2d."""
+        """The sparse candidate: 1x1 kernels without padding as a direct N:M product over
+        channels (pixels as the batch; a stride subsamples x first), every other kernel
+        through the implicit-GEMM convolution sparsekit.ops.nm_conv2d."""
         padding = self.padding
         if padding == "same":
             x, padding = self._same_padding(x)
         if self.kernel_size == (1, 1) and padding == (0, 0):
             if self.stride != (1, 1):
                 x = x[:, :, ::self.stride[0], ::self.stride[1]]
-            return self.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self._nm_product(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         kh, kw = self.kernel_size
-        return ops.nm_conv2d(x, self.values, self.metadata, self.bias, self.in_channels, kh, kw,
-                             self.stride, padding, self.dilation, self.linear.n, self.linear.m)
+        lin = self.linear
+        return ops.nm_conv2d(x, lin.values, lin.metadata, lin.bias, self.in_channels, kh, kw,
+                             self.stride, padding, self.dilation, lin.n, lin.m)
+
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense candidate: the kept values decompressed (scratch buffer without
+        autograd), viewed as [out, C_in, kh, kw], and torch's F.conv2d."""
+        lin = self.linear
+        w = _nm_dense_weight(lin.values, lin.metadata, self.reduction, lin.n, lin.m, x, lin.bias)
+        kh, kw = self.kernel_size
+        w = w.view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+        return nn.functional.conv2d(x, w, lin.bias, self.stride, self.padding, self.dilation)
+
+    _kernel_candidates = SparseLinear._kernel_candidates  # by name: _sparse/_dense_forward
+    _kernel_descriptions = {"sparse": "sparsekit N:M kernel, ops.nm_conv2d (1x1: ops.nm_linear)",
+                            "dense": "torch F.conv2d on the decompressed weight"}
 
     @property
     def weight_nbytes(self) -> int:
@@ -283,6 +404,23 @@ class SparseConv2d(nn.Module):
     @property
     def dense_weight_nbytes(self) -> int:
         return self.linear.dense_weight_nbytes
+
+    # The full geometry travels with the state_dict and loading checks it (before the
+    # compressed weight, whose shape only fixes kh*kw*C_in).
+    def get_extra_state(self):
+        return {name: getattr(self, name) for name in _CONV_GEOMETRY}
+
+    def set_extra_state(self, state):
+        if not isinstance(state, dict) or not all(name in state for name in _CONV_GEOMETRY):
+            raise ValueError("state_dict holds no SparseConv2d geometry (pattern, in_channels, "
+                             "out_channels, kernel_size, stride, padding, dilation)")
+        def norm(v):
+            return tuple(v) if isinstance(v, (tuple, list)) else v
+
+        wrong = [f"{name}={norm(state[name])!r} (this module: {getattr(self, name)!r})"
+                 for name in _CONV_GEOMETRY if norm(state[name]) != getattr(self, name)]
+        if wrong:
+            raise ValueError("state_dict is for another SparseConv2d geometry: " + ", ".join(wrong))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -21,10 +21,10 @@ import torch
 
 from . import _ext, reference
 
-__all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "nm_linear",
-           "nm_linear_grad_input", "nm_sddmm", "nm_conv2d", "masked_linear", "masked_linear_grad_input",
-           "masked_linear_grad_weight", "explain", "registered_kernels", "set_cpu_isa",
-           "set_cuda_backend"]
+__all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "nm_decompress_into",
+           "nm_linear", "nm_linear_grad_input", "nm_sddmm", "nm_conv2d", "masked_linear",
+           "masked_linear_grad_input", "masked_linear_grad_weight", "explain",
+           "registered_kernels", "set_cpu_isa", "set_cuda_backend"]
 
 NAMESPACE = "sparsekit"
 
@@ -52,6 +52,8 @@ SCHEMAS = {
 # Internal ops of a compiled build (no reference; csrc/sparsekit.cpp declares them too):
 # the 2:4 sparse tensor-core path. Used by the CUDA dispatch at the end of this module.
 INTERNAL_SCHEMAS = {
+    "nm_decompress_into": "nm_decompress_into(Tensor values, Tensor metadata, int k, int n, int m, "
+                          "Tensor(a!) out) -> ()",
     "sp24_pack": "sp24_pack(Tensor values, Tensor metadata, int k) -> (Tensor, Tensor)",
     "sp24_linear": "sp24_linear(Tensor x, Tensor packed_values, Tensor packed_meta, Tensor? bias, "
                    "int rows, int k) -> Tensor",
@@ -95,6 +97,18 @@ def _groups(k, m):
     return (k + m - 1) // m
 
 
+def _check_one_device(**tensors):
+    # The fake impls also serve the Meta dispatch key, which wins over CPU/CUDA when any
+    # argument is a meta tensor: without this check, CPU values with meta metadata returned
+    # uninitialized CPU memory instead of an error.
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        torch._check_value(t.device == first.device,
+                           lambda: f"{name} must be on the device of {first_name} "
+                                   f"({first.device}), got {t.device}")
+
+
 @torch.library.register_fake(f"{NAMESPACE}::nm_mask")
 def _nm_mask_fake(scores, n, m, absolute=False):
     torch._check(scores.dim() == 2, lambda: f"scores must be 2-D, got {scores.dim()}-D")
@@ -112,6 +126,7 @@ def _nm_compress_fake(w, n, m):
 
 @torch.library.register_fake(f"{NAMESPACE}::nm_decompress")
 def _nm_decompress_fake(values, metadata, k, n, m):
+    _check_one_device(values=values, metadata=metadata)
     torch._check(values.dim() == 2, lambda: f"values must be 2-D, got {values.dim()}-D")
     torch._check(
         values.shape[1] == _groups(k, m) * n,
@@ -122,6 +137,7 @@ def _nm_decompress_fake(values, metadata, k, n, m):
 
 @torch.library.register_fake(f"{NAMESPACE}::nm_linear")
 def _nm_linear_fake(x, values, metadata, bias, k, n, m):
+    _check_one_device(values=values, metadata=metadata, x=x, bias=bias)
     torch._check(x.shape[-1] == k, lambda: f"x must have k = {k} in its last dim, got {tuple(x.shape)}")
     torch._check(values.dim() == 2, lambda: "values must be 2-D")
     return x.new_empty((*x.shape[:-1], values.shape[0]))
@@ -129,6 +145,7 @@ def _nm_linear_fake(x, values, metadata, bias, k, n, m):
 
 @torch.library.register_fake(f"{NAMESPACE}::nm_linear_grad_input")
 def _nm_linear_grad_input_fake(grad_out, values, metadata, k, n, m):
+    _check_one_device(values=values, metadata=metadata, grad_out=grad_out)
     torch._check(grad_out.shape[-1] == values.shape[0],
                  lambda: f"grad_out must have {values.shape[0]} in its last dim")
     return grad_out.new_empty((*grad_out.shape[:-1], k))
@@ -136,6 +153,7 @@ def _nm_linear_grad_input_fake(grad_out, values, metadata, k, n, m):
 
 @torch.library.register_fake(f"{NAMESPACE}::nm_sddmm")
 def _nm_sddmm_fake(grad_out, x, metadata, k, n, m):
+    _check_one_device(metadata=metadata, x=x, grad_out=grad_out)
     torch._check(x.shape[-1] == k, lambda: f"x must have k = {k} in its last dim")
     return x.new_empty((metadata.shape[0], _groups(k, m) * n))
 
@@ -167,7 +185,7 @@ def _nm_linear_backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         grad_values = torch.ops.sparsekit.nm_sddmm(grad_out, x, metadata, k, n, m)
     if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = grad_out.reshape(-1, values.shape[0]).sum(0)
+        grad_bias = grad_out.reshape(grad_out.shape[:-1].numel(), values.shape[0]).sum(0)
     return grad_x, grad_values, None, grad_bias, None, None, None
 
 
@@ -392,6 +410,30 @@ def nm_decompress(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, 
     return torch.ops.sparsekit.nm_decompress(values, metadata, k, n, m)
 
 
+# A compiled build has the in-place CPU kernel (an internal op, like sp24_*).
+_DECOMPRESS_INTO_CPU = (_schema_exists("nm_decompress_into") and
+                        torch._C._dispatch_has_kernel_for_dispatch_key(
+                            f"{NAMESPACE}::nm_decompress_into", "CPU"))
+
+if _schema_exists("nm_decompress_into"):
+    @torch.library.register_fake(f"{NAMESPACE}::nm_decompress_into")
+    def _nm_decompress_into_fake(values, metadata, k, n, m, out):
+        return None
+
+
+def nm_decompress_into(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, m: int,
+                       out: torch.Tensor) -> torch.Tensor:
+    """Writes the dense [rows, k] matrix into `out` (contiguous, the values' dtype and
+    device) and returns it: the compiled CPU kernel writes in place; other devices, or a
+    build without the extension, decompress and copy. Not differentiable (use
+    nm_decompress for gradients)."""
+    if _DECOMPRESS_INTO_CPU and values.device.type == "cpu":
+        torch.ops.sparsekit.nm_decompress_into(values, metadata, k, n, m, out)
+    else:
+        out.copy_(torch.ops.sparsekit.nm_decompress(values, metadata, k, n, m))
+    return out
+
+
 def _dispatch_key(device: torch.device) -> str:
     return {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device.type, device.type.upper())
 
@@ -411,12 +453,22 @@ def registered_kernels() -> dict[str, list[str]]:
 _EXPLAINERS: dict = {}
 
 
-def explain(op: str, *args) -> str:
+def explain(op, *args) -> str:
     """Says which implementation `torch.ops.sparsekit.<op>(*args)` would run, and why.
 
     >>> explain("nm_compress", torch.randn(8, 16))
     'sparsekit::nm_compress on cpu (float32): compiled CPU kernel (sparsekit._C)'
+
+    `op` may also be a sparse layer (SparseLinear, SparseConv2d): `explain(layer, x)` says
+    which kernel `layer(x)` runs (sparse or dense) and why (measured times, forced, or a
+    default); `explain(layer)` says it for the layer's last call. See sparsekit.dispatch.
     """
+    if isinstance(op, torch.nn.Module):
+        from . import dispatch
+
+        if len(args) > 1:
+            raise ValueError("explain(module, x): give at most one input x")
+        return dispatch.explain_module(op, *args)
     if op not in SCHEMAS:
         raise ValueError(f"op must be one of {sorted(SCHEMAS)}, got {op!r}")
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -530,6 +582,7 @@ def _check_last_dim(t, size, what):
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_linear")
 def _masked_linear_fake(x, weight, mask, bias=None, n=0, m=0):
+    _check_one_device(weight=weight, mask=mask, x=x, bias=bias)
     torch._check(weight.dim() == 2, lambda: f"weight must be 2-D, got {weight.dim()}-D")
     _check_last_dim(x, weight.shape[1], "x")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
@@ -537,6 +590,7 @@ def _masked_linear_fake(x, weight, mask, bias=None, n=0, m=0):
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_linear_grad_input")
 def _masked_linear_grad_input_fake(grad_out, weight, mask, n=0, m=0):
+    _check_one_device(weight=weight, mask=mask, grad_out=grad_out)
     torch._check(weight.dim() == 2, lambda: f"weight must be 2-D, got {weight.dim()}-D")
     _check_last_dim(grad_out, weight.shape[0], "grad_out")
     return grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1]))
@@ -544,6 +598,7 @@ def _masked_linear_grad_input_fake(grad_out, weight, mask, n=0, m=0):
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_linear_grad_weight")
 def _masked_linear_grad_weight_fake(grad_out, x, mask, n=0, m=0):
+    _check_one_device(mask=mask, x=x, grad_out=grad_out)
     torch._check(grad_out.shape[:-1] == x.shape[:-1],
                  lambda: f"grad_out and x must share their batch dims, got {tuple(grad_out.shape)} "
                          f"and {tuple(x.shape)}")
@@ -568,7 +623,7 @@ def _masked_linear_backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         grad_w = torch.ops.sparsekit.masked_linear_grad_weight(grad_out, x, mask, n, m)
     if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = grad_out.reshape(-1, weight.shape[0]).sum(0)
+        grad_bias = grad_out.reshape(grad_out.shape[:-1].numel(), weight.shape[0]).sum(0)
     return grad_x, grad_w, None, grad_bias, None, None
 
 

@@ -114,27 +114,39 @@ def nm_decompress(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, 
     group_start = torch.arange(groups, device=values.device).view(1, groups, 1) * m
     in_padding = group_start + idx >= k
     bad |= (in_padding & (vals != 0)).any(-1)
+    # A group with n or more real columns never points into the padding; one with fewer
+    # keeps exactly 0..n-1 (with increasing indices: the last index is below both).
+    width = (k - group_start.view(1, groups)).clamp(max=m)
+    bad |= idx[..., -1] >= width.clamp(min=n)
     if bad.any():
         row, group = torch.nonzero(bad)[0].tolist()
         hi = min(group * m + m, k) - 1
         raise ValueError(
             f"metadata is corrupt at row {row}, group {group} (columns {group * m}..{hi}): "
-            f"kept indices must be strictly increasing, below m={m}, and padding beyond "
-            f"k={k} must hold zeros"
+            f"kept indices must be strictly increasing, below m={m}, point into the padding "
+            f"beyond k={k} only in a group of fewer than n={n} real columns (keeping "
+            f"0..n-1), and padding must hold zeros"
         )
     dense = torch.zeros(rows, groups, m, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, idx, vals)
     return dense.view(rows, groups * m)[:, :k].contiguous()
 
 
+def _padded_weight(values, metadata, k: int, n: int, m: int) -> torch.Tensor:
+    # W over K padded to a multiple of m: the products read values in padding slots against
+    # zero columns (as every kernel does), so only decompress refuses nonzeros there.
+    return nm_decompress(values, metadata, -(-k // m) * m, n, m)
+
+
 def nm_linear(x, values, metadata, bias, k: int, n: int, m: int) -> torch.Tensor:
     """y = x @ W^T (+ bias), W the dense form of (values, metadata): [rows, k]."""
-    return torch.nn.functional.linear(x, nm_decompress(values, metadata, k, n, m), bias)
+    x = _pad_last(x, m, 0) if k % m else x
+    return torch.nn.functional.linear(x, _padded_weight(values, metadata, k, n, m), bias)
 
 
 def nm_linear_grad_input(grad_out, values, metadata, k: int, n: int, m: int) -> torch.Tensor:
     """grad_x = grad_out @ W: [..., rows] -> [..., k]."""
-    return torch.matmul(grad_out, nm_decompress(values, metadata, k, n, m))
+    return torch.matmul(grad_out, _padded_weight(values, metadata, k, n, m)[:, :k])
 
 
 def kept_columns(metadata: torch.Tensor, k: int, n: int, m: int):
@@ -151,7 +163,8 @@ def nm_sddmm(grad_out, x, metadata, k: int, n: int, m: int) -> torch.Tensor:
     """Gradient of the kept values: (grad_out^T @ x)[r, col(r, j)] for every kept (r, j),
     in the values layout [rows, ceil(k/m)*n]."""
     rows = metadata.shape[0]
-    dense = grad_out.reshape(-1, rows).t() @ x.reshape(-1, k)  # [rows, k]
+    batch = x.shape[:-1].numel()  # not -1: k or rows may be 0
+    dense = grad_out.reshape(batch, rows).t() @ x.reshape(batch, k)  # [rows, k]
     cols, inside = kept_columns(metadata, k, n, m)
     if k == 0:
         return dense.new_zeros(cols.shape)
@@ -230,5 +243,6 @@ def masked_linear_grad_weight(grad_out, x, mask, n: int = 0, m: int = 0) -> torc
     """grad_W = (grad_out^T @ x) * mask: [rows, k], exactly 0 at every pruned entry."""
     rows, k = grad_out.shape[-1], x.shape[-1]
     keep = dense_mask(mask, rows, k, n, m)
-    dense = grad_out.reshape(-1, rows).t() @ x.reshape(-1, k)
+    batch = x.shape[:-1].numel()  # not -1: k or rows may be 0
+    dense = grad_out.reshape(batch, rows).t() @ x.reshape(batch, k)
     return torch.where(keep, dense, 0)

@@ -322,13 +322,12 @@ std::tuple<at::Tensor, at::Tensor> nm_compress_cpu(const at::Tensor& dense_in, i
   return {values, metadata};
 }
 
-at::Tensor nm_decompress_cpu(const at::Tensor& values_in, const at::Tensor& metadata_in,
-                             int64_t k, int64_t n, int64_t m) {
-  const NMLayout L = check_compressed(values_in, metadata_in, k, n, m);
+// Writes the dense [rows, k] matrix into `dense` (contiguous, checked by the callers).
+void decompress_into(const at::Tensor& values_in, const at::Tensor& metadata_in, int64_t k,
+                     int64_t n, int64_t m, const NMLayout& L, at::Tensor& dense) {
   const at::Tensor values = values_in.contiguous();
   const at::Tensor metadata = metadata_in.contiguous();
   const int64_t rows = values.size(0);
-  at::Tensor dense = at::empty({rows, k}, values.options());
   std::atomic<int64_t> bad{kNone};
   dispatch_bits(values, [&](auto zero_bits) {
     using Bits = decltype(zero_bits);
@@ -365,7 +364,28 @@ at::Tensor nm_decompress_cpu(const at::Tensor& values_in, const at::Tensor& meta
     });
   });
   if (bad.load() != kNone) raise_bad_metadata(bad.load(), L);
+}
+
+at::Tensor nm_decompress_cpu(const at::Tensor& values, const at::Tensor& metadata, int64_t k,
+                             int64_t n, int64_t m) {
+  const NMLayout L = check_compressed(values, metadata, k, n, m);
+  at::Tensor dense = at::empty({values.size(0), k}, values.options());
+  decompress_into(values, metadata, k, n, m, L, dense);
   return dense;
+}
+
+// Into a caller's buffer: a layer's dense path reuses one scratch buffer instead of
+// allocating (and page-faulting) a fresh dense weight on every call.
+void nm_decompress_into_cpu(const at::Tensor& values, const at::Tensor& metadata, int64_t k,
+                            int64_t n, int64_t m, at::Tensor out) {
+  const NMLayout L = check_compressed(values, metadata, k, n, m);
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == values.size(0) && out.size(1) == k,
+                    "out must have shape [", values.size(0), ", ", k, "], got ", out.sizes());
+  TORCH_CHECK_TYPE(out.scalar_type() == values.scalar_type(), "out must have the values' dtype ",
+                   values.scalar_type(), ", got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == values.device() && out.is_contiguous(),
+                    "out must be a contiguous tensor on ", values.device());
+  decompress_into(values, metadata, k, n, m, L, out);
 }
 
 
@@ -422,6 +442,7 @@ TORCH_LIBRARY_IMPL(sparsekit, CPU, lib) {
   lib.impl("nm_mask", &nm_mask_cpu);
   lib.impl("nm_compress", &nm_compress_cpu);
   lib.impl("nm_decompress", &nm_decompress_cpu);
+  lib.impl("nm_decompress_into", &nm_decompress_into_cpu);
 }
 
 }  // namespace sparsekit

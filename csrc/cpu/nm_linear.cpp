@@ -156,6 +156,14 @@ void check_pairing(const at::Tensor& t, const char* name, const at::Tensor& valu
                     ", got ", t.device());
 }
 
+// Rows of the batch: every dim but the last (numel / last would be 0 / 0 for k = 0 or
+// a weight of 0 rows, whose products are still defined: zeros, or the bias).
+int64_t leading_numel(const at::Tensor& t) {
+  int64_t count = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) count *= t.size(d);
+  return count;
+}
+
 std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
   std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
   shape.back() = last;
@@ -183,9 +191,13 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
                       "], got ", bias->sizes());
   }
   if (!has_kernel_dtype(values.scalar_type())) {  // e.g. fp64: exact, via the dense weight
-    return at::linear(x, decompress(values, metadata, k, n, m), bias);
+    // Over K padded to Kp, as the kernels compute: values in padding slots meet zero columns
+    // of x (the products trust validated metadata; decompress alone refuses such values).
+    const int64_t kp = L.groups * L.m;
+    return at::linear(at::constant_pad_nd(x, {0, kp - k}), decompress(values, metadata, kp, n, m),
+                      bias);
   }
-  const int64_t batch = x.numel() / std::max<int64_t>(k, 1);
+  const int64_t batch = leading_numel(x);
   const at::Tensor x2 = x.reshape({batch, k});
   at::Tensor y = at::empty({batch, rows}, x.options());
   const SpmmKernels& kern = active_kernels();
@@ -231,10 +243,10 @@ at::Tensor nm_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
   check_pairing(grad_out, "grad_out", values);
   const int64_t rows = values.size(0);
   check_batch_operand(grad_out, "grad_out", rows, "the weight's rows");
-  if (!has_kernel_dtype(values.scalar_type())) {
-    return at::matmul(grad_out, decompress(values, metadata, k, n, m));
+  if (!has_kernel_dtype(values.scalar_type())) {  // fp64: over Kp too, then the first k
+    return at::matmul(grad_out, decompress(values, metadata, L.groups * L.m, n, m).narrow(1, 0, k));
   }
-  const int64_t batch = grad_out.numel() / std::max<int64_t>(rows, 1);
+  const int64_t batch = leading_numel(grad_out);
   const at::Tensor gy2 = grad_out.reshape({batch, rows});
   at::Tensor gx = at::empty({batch, k}, grad_out.options());
   const SpmmKernels& kern = active_kernels();
@@ -268,14 +280,22 @@ at::Tensor nm_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const a
   TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "grad_out (", grad_out.scalar_type(),
                    ") and x (", x.scalar_type(), ") must have one dtype");
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x must be floating, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == metadata.device() && grad_out.device() == metadata.device(),
+                    "grad_out, x and metadata must be on one device, got ", grad_out.device(), ", ",
+                    x.device(), " and ", metadata.device());
   check_batch_operand(x, "x", k, "k");
   check_batch_operand(grad_out, "grad_out", rows, "the weight's rows");
-  const int64_t batch = x.numel() / std::max<int64_t>(k, 1);
+  const int64_t batch = leading_numel(x);
   TORCH_CHECK_VALUE(grad_out.numel() == batch * rows, "grad_out and x must hold the same batch: ",
                     grad_out.sizes(), " vs ", x.sizes());
   if (!has_kernel_dtype(x.scalar_type())) {  // fp64: dense product, then gather kept entries
-    const at::Tensor dense = at::matmul(grad_out.reshape({batch, rows}).t(), x.reshape({batch, k}));
-    const at::Tensor kept = decompress(at::ones({rows, L.values_per_row}, x.options()), metadata, k, n, m);
+    // Over K padded to Kp (zero columns of x): a group with fewer than N real columns keeps
+    // slots in the padding, and their gradient is 0. At Kp every slot is a real column, so
+    // the kept positions are exactly where a decompressed all-ones weight is nonzero.
+    const int64_t kp = L.groups * L.m;
+    const at::Tensor xp = at::constant_pad_nd(x.reshape({batch, k}), {0, kp - k});
+    const at::Tensor dense = at::matmul(grad_out.reshape({batch, rows}).t(), xp);
+    const at::Tensor kept = decompress(at::ones({rows, L.values_per_row}, x.options()), metadata, kp, n, m);
     return dense.masked_select(kept.ne(0)).view({rows, L.values_per_row});
   }
   const at::Tensor gy2 = grad_out.reshape({batch, rows}), x2 = x.reshape({batch, k});

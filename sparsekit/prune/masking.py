@@ -1,7 +1,8 @@
 """Mask-while-training: a bool mask attached to a module's weight, applied in forward.
 
 The weight stays one tensor (the parametrization's `original`); the mask is a bool buffer
-(no float copy); forward sees weight * mask, so pruned entries get zero gradient and the
+(no float copy); forward sees the weight with pruned entries selected to 0 (not multiplied:
+inf or NaN at a pruned position still gives 0), so pruned entries get zero gradient and the
 optimizer cannot revive them. `remove_mask` bakes the zeros in and leaves a plain
 parameter, so the state_dict looks like the unpruned module's.
 
@@ -30,7 +31,10 @@ class _BoolMask(nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
+        # Select, never multiply: inf * 0 and NaN * 0 are NaN, but a pruned weight is 0
+        # whatever it held (as in the fused CUDA kernel, and what remove_mask bakes in).
+        return torch.where(self.mask, weight, torch.zeros((), dtype=weight.dtype,
+                                                          device=weight.device))
 
     def packed_bits(self) -> torch.Tensor:
         """The mask as packed bits (uint8 [R, ceil(K/8)]) for the fused kernels. Cached (not

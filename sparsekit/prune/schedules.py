@@ -24,6 +24,20 @@ def _check_steps(name, v, minimum=0):
     return v
 
 
+def _ramp(kind, initial, final, start, steps, every) -> "Schedule":
+    # Pruning only ever removes weights: a ramp that goes backwards would ask the masks to
+    # revive pruned weights (and the exponential ramp from sparsity 1 divides by density 0).
+    initial, final = _check_fraction("initial", initial), _check_fraction("final", final)
+    if final < initial:
+        raise ValueError(f"final must be >= initial (sparsity only grows), got initial="
+                         f"{initial} and final={final}")
+    return Schedule(initial, final, _check_steps("start", start), _check_steps("steps", steps),
+                    _check_steps("every", every, 1), kind)
+
+
+_KINDS = ("cubic", "linear", "exponential", "stepwise", "constant")
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A ramp from `initial` to `final` sparsity over steps [start, start + steps * every],
@@ -35,6 +49,18 @@ class Schedule:
     steps: int
     every: int
     kind: str
+
+    def __post_init__(self):
+        # Built directly or by the functions below: the same checks, so no schedule can
+        # divide by zero (every = 0, exponential from density 0) or go backwards at a step.
+        if self.kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {self.kind!r}")
+        _check_fraction("initial", self.initial), _check_fraction("final", self.final)
+        _check_steps("start", self.start), _check_steps("steps", self.steps)
+        _check_steps("every", self.every, 1)
+        if self.final < self.initial:
+            raise ValueError(f"final must be >= initial (sparsity only grows), got initial="
+                             f"{self.initial} and final={self.final}")
 
     def __call__(self, step: int) -> float:
         if step < self.start:
@@ -64,23 +90,17 @@ class Schedule:
 def cubic(initial: float, final: float, start: int = 0, steps: int = 10, every: int = 1) -> Schedule:
     """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3, with n = steps
     updates every dt = `every` steps from t0 = `start`: fast early, gentle near the end."""
-    return Schedule(_check_fraction("initial", initial), _check_fraction("final", final),
-                    _check_steps("start", start), _check_steps("steps", steps),
-                    _check_steps("every", every, 1), "cubic")
+    return _ramp("cubic", initial, final, start, steps, every)
 
 
 def linear(initial: float, final: float, start: int = 0, steps: int = 10, every: int = 1) -> Schedule:
     """Sparsity grows by the same amount at each of `steps` updates."""
-    return Schedule(_check_fraction("initial", initial), _check_fraction("final", final),
-                    _check_steps("start", start), _check_steps("steps", steps),
-                    _check_steps("every", every, 1), "linear")
+    return _ramp("linear", initial, final, start, steps, every)
 
 
 def exponential(initial: float, final: float, start: int = 0, steps: int = 10, every: int = 1) -> Schedule:
     """The kept fraction (density) shrinks by the same factor at each update."""
-    return Schedule(_check_fraction("initial", initial), _check_fraction("final", final),
-                    _check_steps("start", start), _check_steps("steps", steps),
-                    _check_steps("every", every, 1), "exponential")
+    return _ramp("exponential", initial, final, start, steps, every)
 
 
 def stepwise(initial: float = 0.1, increment: float = 0.05, final: float = 0.5, start: int = 0,
