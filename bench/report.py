@@ -156,6 +156,17 @@ def cuda_rows(data):
                    f"{info['ratio']:.2f}x", "")
 
 
+def conv_rows(data):
+    """Rows of bench/bench_conv.py: one 2:4 convolution shape (SparseConv2d) against
+    F.conv2d on the same pruned weight."""
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if info.get("kind") == "conv_layer":
+            yield (info["what"], str(info["batch"]), info["kernel"],
+                   f"{info['dense_s'] * 1e3:.3f} ms", f"{info['sparse_s'] * 1e3:.3f} ms",
+                   f"{info['ratio']:.2f}x")
+
+
 def plot_linear(data, path):
     try:
         import matplotlib
@@ -243,6 +254,11 @@ def main(path):
         table(["model (2:4)", "dtype", "dense", "sparsified", "speed-up",
                "weight bytes vs dense (whole model)", "layers converted",
                "what the sparse layers ran (sk.explain)"], models)
+    conv = list(conv_rows(data))
+    if conv:
+        print()
+        table(["conv 2:4 (fp32)", "batch", "sparse kernel", "dense F.conv2d", "sparsekit",
+               "speed-up"], conv)
     modules = list(module_rows(data))
     if modules:
         print()

@@ -37,6 +37,13 @@ TORCH_LIBRARY(sparsekit, lib) {
       "int m) -> Tensor");
   // Gradient of the kept values: (grad_out^T @ x) at W's kept positions, values layout.
   lib.def("nm_sddmm(Tensor grad_out, Tensor x, Tensor metadata, int k, int n, int m) -> Tensor");
+  // 2-D convolution (groups=1) of x [B, in_channels, H, W] (NCHW or channels_last) with the
+  // weight (values, metadata) [out, kh * kw * in_channels] (the conv weight permuted to
+  // [out, kh, kw, in_channels], DESIGN.md), computed from x directly (implicit GEMM, no
+  // im2col buffer) -> [B, out, H_out, W_out] contiguous.
+  lib.def(
+      "nm_conv2d(Tensor x, Tensor values, Tensor metadata, Tensor? bias, int in_channels, "
+      "int kh, int kw, int[2] stride, int[2] padding, int[2] dilation, int n, int m) -> Tensor");
   // y = x @ (weight * mask)^T (+ bias) with a dense weight [rows, k] and its mask given as
   // packed bits (n = m = 0: uint8 [rows, ceil(k/8)], column c at bit c % 8 of byte c // 8)
   // or as canonical N:M metadata; pruned entries select 0. Triton on CUDA (kernels/).

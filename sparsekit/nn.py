@@ -324,10 +324,11 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
     The weight [out, C_in, kh, kw] is permuted to [out, kh, kw, C_in] and flattened to
     [out, K = kh*kw*C_in], so a group holds M consecutive input channels at one kernel
     position (when C_in % M == 0; otherwise groups continue into the next position). Two
-    candidates compute it (sparsekit.dispatch chooses per call): "sparse", the N:M product
-    sparsekit.ops.nm_linear, directly on channels-last pixels for 1x1 kernels, on unfolded
-    patches otherwise; "dense", the weight decompressed to [out, C_in, kh, kw] and torch's
-    F.conv2d. Supports stride, padding (ints or 'same'), dilation and bias; groups=1 only.
+    candidates compute it (sparsekit.dispatch chooses per call): "sparse", the
+    implicit-GEMM convolution sparsekit.ops.nm_conv2d (no unfold; 1x1 kernels the direct
+    N:M product sparsekit.ops.nm_linear over channels-last pixels); "dense", the weight
+    decompressed to [out, C_in, kh, kw] and torch's F.conv2d. Supports stride, padding
+    (ints or 'same'), dilation and bias; groups=1 only.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -420,12 +421,18 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
                 conv.bias.copy_(self.bias.detach())
         return conv
 
-    def _pad_same(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
+    def _same_padding(self, x: torch.Tensor):
+        """(x, padding) for padding='same': symmetric padding goes to the kernel; an odd
+        total (an even dilated kernel) pads x explicitly, the extra row/column at the end as
+        torch.nn.Conv2d does."""
+        pads, symmetric = [], []
         for k, d in zip(reversed(self.kernel_size), reversed(self.dilation)):
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
-        return nn.functional.pad(x, pads)
+            symmetric.insert(0, total // 2)
+        if pads[0] == pads[1] and pads[2] == pads[3]:
+            return x, tuple(symmetric)
+        return nn.functional.pad(x, pads), (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3 and x.shape[0] == self.in_channels:  # unbatched, as nn.Conv2d takes
@@ -447,23 +454,20 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
         return self.linear._sparse_forward(x)  # N:M, or bitmask when unstructured
 
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The sparse candidate: the N:M product on channels-last pixels (1x1) or on
-        unfolded patches."""
+        """The sparse candidate: 1x1 kernels without padding as a direct N:M product over
+        channels (pixels as the batch; a stride subsamples x first), every other kernel
+        through the implicit-GEMM convolution sparsekit.ops.nm_conv2d."""
         padding = self.padding
         if padding == "same":
-            x, padding = self._pad_same(x), (0, 0)
-        if self.kernel_size == (1, 1) and self.stride == (1, 1) and padding == (0, 0):
-            # 1x1: a direct N:M product over channels, pixels as the batch.
+            x, padding = self._same_padding(x)
+        if self.kernel_size == (1, 1) and padding == (0, 0):
+            if self.stride != (1, 1):
+                x = x[:, :, ::self.stride[0], ::self.stride[1]]
             return self._nm_product(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        batch, _, height, width = x.shape
         kh, kw = self.kernel_size
-        out_h = (height + 2 * padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        out_w = (width + 2 * padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        cols = nn.functional.unfold(x, self.kernel_size, self.dilation, padding, self.stride)
-        # unfold orders a patch (C, kh, kw); the weight is flattened (kh, kw, C).
-        cols = cols.view(batch, self.in_channels, kh * kw, out_h * out_w).permute(0, 3, 2, 1)
-        y = self._nm_product(cols.reshape(batch, out_h * out_w, self.reduction))  # [batch, L, out]
-        return y.transpose(1, 2).reshape(batch, self.out_channels, out_h, out_w)
+        lin = self.linear
+        return ops.nm_conv2d(x, lin.values, lin.metadata, lin.bias, self.in_channels, kh, kw,
+                             self.stride, padding, self.dilation, lin.n, lin.m)
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The dense candidate: the kept values decompressed (scratch buffer without
@@ -475,7 +479,7 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
         return nn.functional.conv2d(x, w, lin.bias, self.stride, self.padding, self.dilation)
 
     _kernel_candidates = SparseLinear._kernel_candidates  # by name: _sparse/_dense_forward
-    _kernel_descriptions = {"sparse": "sparsekit N:M kernel, ops.nm_linear on pixels/patches",
+    _kernel_descriptions = {"sparse": "sparsekit N:M kernel, ops.nm_conv2d (1x1: ops.nm_linear)",
                             "dense": "torch F.conv2d on the decompressed weight"}
 
     @property

@@ -22,7 +22,7 @@ import torch
 from . import _ext, reference
 
 __all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "nm_decompress_into",
-           "nm_linear", "nm_linear_grad_input", "nm_sddmm", "masked_linear",
+           "nm_linear", "nm_linear_grad_input", "nm_sddmm", "nm_conv2d", "masked_linear",
            "masked_linear_grad_input", "masked_linear_grad_weight", "explain",
            "registered_kernels", "set_cpu_isa", "set_cuda_backend", "bitmask_compress",
            "bitmask_decompress", "bitmask_linear", "bitmask_linear_grad_input", "bitmask_sddmm"]
@@ -39,6 +39,9 @@ SCHEMAS = {
     "nm_linear_grad_input": "nm_linear_grad_input(Tensor grad_out, Tensor values, Tensor metadata, "
                             "int k, int n, int m) -> Tensor",
     "nm_sddmm": "nm_sddmm(Tensor grad_out, Tensor x, Tensor metadata, int k, int n, int m) -> Tensor",
+    "nm_conv2d": "nm_conv2d(Tensor x, Tensor values, Tensor metadata, Tensor? bias, int in_channels, "
+                 "int kh, int kw, int[2] stride, int[2] padding, int[2] dilation, int n, int m) "
+                 "-> Tensor",
     "masked_linear": "masked_linear(Tensor x, Tensor weight, Tensor mask, Tensor? bias, int n=0, "
                      "int m=0) -> Tensor",
     "masked_linear_grad_input": "masked_linear_grad_input(Tensor grad_out, Tensor weight, "
@@ -75,6 +78,7 @@ _REFERENCE = {
     "nm_linear": reference.nm_linear,
     "nm_linear_grad_input": reference.nm_linear_grad_input,
     "nm_sddmm": reference.nm_sddmm,
+    "nm_conv2d": reference.nm_conv2d,
     "masked_linear": reference.masked_linear,
     "masked_linear_grad_input": reference.masked_linear_grad_input,
     "masked_linear_grad_weight": reference.masked_linear_grad_weight,
@@ -286,6 +290,76 @@ torch.library.register_autograd(f"{NAMESPACE}::nm_compress", _nm_compress_backwa
                                 setup_context=_nm_compress_setup)
 
 
+def conv2d_output_size(height, width, kh, kw, stride, padding, dilation):
+    """(H_out, W_out) of a 2-D convolution, as torch.nn.Conv2d computes them."""
+    out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return out_h, out_w
+
+
+@torch.library.register_fake(f"{NAMESPACE}::nm_conv2d")
+def _nm_conv2d_fake(x, values, metadata, bias, in_channels, kh, kw, stride, padding, dilation,
+                    n, m):
+    torch._check(x.dim() == 4, lambda: f"x must be 4-D [batch, C, H, W], got {x.dim()}-D")
+    torch._check(x.shape[1] == in_channels,
+                 lambda: f"x must have {in_channels} channels, got {tuple(x.shape)}")
+    torch._check(values.dim() == 2 and values.shape[1] == _groups(kh * kw * in_channels, m) * n,
+                 lambda: "values must be [out, ceil(kh*kw*in_channels/m)*n]")
+    out_h, out_w = conv2d_output_size(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation)
+    torch._check(out_h > 0 and out_w > 0, lambda: "x is smaller than the dilated kernel")
+    return x.new_empty((x.shape[0], values.shape[0], out_h, out_w))
+
+
+def conv2d_patches(x, kh: int, kw: int, stride, padding, dilation) -> torch.Tensor:
+    """[B, H_out*W_out, kh*kw*C] patches of x, each in the weight's reduction order (kernel
+    position, then input channel): the matrix nm_conv2d multiplies without building it."""
+    batch, channels = x.shape[:2]
+    cols = torch.nn.functional.unfold(x, (kh, kw), dilation, padding, stride)  # (C, kh, kw)
+    return cols.view(batch, channels, kh * kw, -1).permute(0, 3, 2, 1).reshape(
+        batch, -1, kh * kw * channels)
+
+
+def _nm_conv2d_setup_context(ctx, inputs, output):
+    x, values, metadata, bias, in_channels, kh, kw, stride, padding, dilation, n, m = inputs
+    ctx.save_for_backward(x, values, metadata)
+    ctx.geometry = (in_channels, kh, kw, tuple(stride), tuple(padding), tuple(dilation), n, m)
+    ctx.has_bias = bias is not None
+
+
+def _nm_conv2d_backward(ctx, grad_out):
+    # The convolution is nm_linear on the patch matrix P: y = P @ W^T. So grad_x folds
+    # grad_out @ W back onto the input (the transposed convolution) and the kept values'
+    # gradient is nm_sddmm(grad_out, P). Both are sparsekit ops: double backward works.
+    x, values, metadata = ctx.saved_tensors
+    channels, kh, kw, stride, padding, dilation, n, m = ctx.geometry
+    k, rows, batch = kh * kw * channels, values.shape[0], x.shape[0]
+    gy = grad_out.flatten(2).transpose(1, 2).contiguous()  # [B, L, out]
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        if batch == 0:
+            grad_x = torch.zeros_like(x)
+        else:
+            cols = torch.ops.sparsekit.nm_linear_grad_input(gy, values, metadata, k, n, m)
+            cols = cols.view(batch, -1, kh * kw, channels).permute(0, 3, 2, 1)
+            grad_x = torch.nn.functional.fold(cols.reshape(batch, channels * kh * kw, -1),
+                                              tuple(x.shape[2:]), (kh, kw), dilation, padding,
+                                              stride)
+    if ctx.needs_input_grad[1]:
+        if batch == 0:
+            grad_values = torch.zeros_like(values)
+        else:
+            patches = conv2d_patches(x, kh, kw, stride, padding, dilation)
+            grad_values = torch.ops.sparsekit.nm_sddmm(gy.view(-1, rows), patches.reshape(-1, k),
+                                                       metadata, k, n, m)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad_out.sum((0, 2, 3))
+    return (grad_x, grad_values, None, grad_bias) + (None,) * 8
+
+
+torch.library.register_autograd(f"{NAMESPACE}::nm_conv2d", _nm_conv2d_backward,
+                                setup_context=_nm_conv2d_setup_context)
+
+
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -318,6 +392,21 @@ def nm_linear_grad_input(grad_out, values, metadata, k: int, n: int, m: int) -> 
 def nm_sddmm(grad_out, x, metadata, k: int, n: int, m: int) -> torch.Tensor:
     """(grad_out^T @ x) at W's kept positions, in the values layout: the values' gradient."""
     return torch.ops.sparsekit.nm_sddmm(grad_out, x, metadata, k, n, m)
+
+
+def nm_conv2d(x, values, metadata, bias, in_channels: int, kh: int, kw: int, stride=(1, 1),
+              padding=(0, 0), dilation=(1, 1), n: int = 2, m: int = 4) -> torch.Tensor:
+    """2-D convolution (groups=1) of x [B, in_channels, H, W] (NCHW or channels_last) with
+    an N:M weight: (values, metadata) is the conv weight [out, in_channels, kh, kw] permuted
+    to [out, kh, kw, in_channels] and compressed along its flattened last three dims
+    (DESIGN.md). On the CPU an implicit-GEMM kernel multiplies the kept weights straight
+    from the input (no im2col buffer). Returns a contiguous [B, out, H_out, W_out] tensor;
+    differentiable in x, values and bias. stride, padding and dilation are (height, width)
+    pairs of ints (padding='same' is SparseConv2d's job). Under torch.autocast it computes
+    in the autocast dtype."""
+    x, values, bias = autocast_linear_inputs(x.device.type, x, values, bias)
+    return torch.ops.sparsekit.nm_conv2d(x, values, metadata, bias, in_channels, kh, kw,
+                                         list(stride), list(padding), list(dilation), n, m)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int, absolute: bool = False) -> torch.Tensor:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 __all__ = ["index_bits", "nm_mask", "nm_compress", "nm_decompress", "pack_bits", "unpack_bits",
-           "kept_columns", "nm_linear", "nm_linear_grad_input", "nm_sddmm", "pack_mask_bits",
+           "kept_columns", "nm_linear", "nm_linear_grad_input", "nm_sddmm", "nm_conv2d",
+           "pack_mask_bits",
            "unpack_mask_bits", "dense_mask", "masked_linear", "masked_linear_grad_input",
            "masked_linear_grad_weight", "bitmask_compress", "bitmask_kept", "bitmask_decompress",
            "bitmask_linear", "bitmask_linear_grad_input", "bitmask_sddmm"]
@@ -169,6 +170,18 @@ def nm_sddmm(grad_out, x, metadata, k: int, n: int, m: int) -> torch.Tensor:
     if k == 0:
         return dense.new_zeros(cols.shape)
     return torch.gather(dense, 1, cols) * inside
+
+
+def nm_conv2d(x, values, metadata, bias, in_channels: int, kh: int, kw: int, stride, padding,
+              dilation, n: int, m: int) -> torch.Tensor:
+    """2-D convolution with the weight (values, metadata) [out, kh*kw*in_channels], the conv
+    weight [out, in_channels, kh, kw] permuted to [out, kh, kw, in_channels] and flattened
+    (DESIGN.md); returns a contiguous [B, out, H_out, W_out] tensor."""
+    rows = values.shape[0]
+    w = nm_decompress(values, metadata, kh * kw * in_channels, n, m)
+    w = w.view(rows, kh, kw, in_channels).permute(0, 3, 1, 2)
+    y = torch.nn.functional.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
+    return y.contiguous()
 
 
 # -- masked products (a dense weight and a mask: sparsekit.prune's masks while training) --

@@ -57,6 +57,7 @@ struct V {
 
 #define SK_ISA_NS spmm_avx2
 #include "spmm_kernels.h"
+#include "conv_kernels.h"
 
 namespace sparsekit {
 namespace spmm_avx2 {
@@ -141,6 +142,12 @@ void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
 }  // namespace sparsekit
 
 namespace sparsekit {
+const ConvKernels& conv_kernels_avx2() {
+  static const ConvKernels k = spmm_avx2::make_conv_kernels(
+      "avx2", std::make_integer_sequence<int, kMaxConvRegs>{});
+  return k;
+}
+
 const SpmmKernels& spmm_kernels_avx2() {
   static const SpmmKernels k =
       spmm_avx2::make_kernels("avx2", std::make_integer_sequence<int, 8>{});

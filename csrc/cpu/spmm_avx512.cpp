@@ -60,6 +60,7 @@ struct V {
 
 #define SK_ISA_NS spmm_avx512
 #include "spmm_kernels.h"
+#include "conv_kernels.h"
 
 namespace sparsekit {
 namespace spmm_avx512 {
@@ -144,6 +145,12 @@ void forward_2_4_typed(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch
 }  // namespace sparsekit
 
 namespace sparsekit {
+const ConvKernels& conv_kernels_avx512() {
+  static const ConvKernels k = spmm_avx512::make_conv_kernels(
+      "avx512", std::make_integer_sequence<int, kMaxConvRegs>{});
+  return k;
+}
+
 const SpmmKernels& spmm_kernels_avx512() {
   static const SpmmKernels k =
       spmm_avx512::make_kernels("avx512", std::make_integer_sequence<int, kMaxTileRegs>{});

@@ -83,8 +83,15 @@ struct V {
 
 #define SK_ISA_NS spmm_scalar
 #include "spmm_kernels.h"
+#include "conv_kernels.h"
 
 namespace sparsekit {
+const ConvKernels& conv_kernels_scalar() {
+  static const ConvKernels k = spmm_scalar::make_conv_kernels(
+      "scalar", std::make_integer_sequence<int, kMaxConvRegs>{});
+  return k;
+}
+
 const SpmmKernels& spmm_kernels_scalar() {
   static const SpmmKernels k =
       spmm_scalar::make_kernels("scalar", std::make_integer_sequence<int, 8>{});

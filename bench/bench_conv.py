@@ -1,0 +1,135 @@
+"""2:4 convolutions on the CPU against torch's own convolution on the same pruned weights,
+timed alternately in one run:
+  - every distinct convolution shape of torchvision's ResNet-18 (224x224 input) at batch
+    1 and 16: SparseConv2d (the implicit-GEMM kernel ops.nm_conv2d; 1x1 kernels the direct
+    N:M product) against F.conv2d on the masked dense weight. Each timed call runs through
+    several weight copies (up to 40 MB of dense weights at batch 1), so larger layers read
+    their weights from memory, not from a cache that one copy would stay in;
+  - the whole ResNet-18 (random init), sk.sparsify(model, "2:4") against the same pruned
+    weights stored dense (sk.densify), at batch 1 and 16.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit as sk
+
+from common import machine_info, paired_seconds
+
+torchvision = pytest.importorskip("torchvision", reason="torchvision not installed (make setup)")
+
+REPEATS = 5
+WEIGHT_SET_BYTES = 40 << 20
+
+
+def resnet18_conv_shapes():
+    """(C_in, C_out, kernel, stride, padding, input H) of every distinct Conv2d of ResNet-18
+    at 224x224, in first-use order."""
+    model = torchvision.models.resnet18()
+    shapes, hooks = [], []
+
+    def hook(module, inputs, output):
+        key = (module.in_channels, module.out_channels, module.kernel_size[0], module.stride[0],
+               module.padding[0], inputs[0].shape[2])
+        if key not in shapes:
+            shapes.append(key)
+
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+SHAPES = resnet18_conv_shapes()
+
+
+def _shape_id(shape):
+    c_in, c_out, k, s, p, h = shape
+    return f"{c_in}-{c_out}-k{k}s{s}-{h}px"
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_resnet18_conv_layer(benchmark, shape, batch):
+    c_in, c_out, k, stride, padding, h = shape
+    dense_bytes = c_out * c_in * k * k * 4
+    copies = max(1, min(16 if batch == 1 else 4, math.ceil(WEIGHT_SET_BYTES / dense_bytes)))
+    torch.manual_seed(0)
+    layers, weights = [], []
+    for _ in range(copies):
+        conv = nn.Conv2d(c_in, c_out, k, stride, padding, bias=False)
+        layer = sk.SparseConv2d.from_dense(conv, "2:4")
+        layers.append(layer)
+        weights.append(layer.dense_weight())  # the same pruned weights, dense
+    x = torch.randn(batch, c_in, h, h)
+
+    def sparse():
+        with torch.no_grad():
+            for layer in layers:
+                layer(x)
+
+    def dense():
+        with torch.no_grad():
+            for w in weights:
+                nn.functional.conv2d(x, w, None, stride, padding)
+
+    kernel = "nm_linear (1x1 direct)" if k == 1 else "nm_conv2d (implicit GEMM)"
+    benchmark.group = f"ResNet-18 conv {_shape_id(shape)} batch {batch}"
+    benchmark.pedantic(sparse, rounds=REPEATS, iterations=1, warmup_rounds=1)
+    dense_s, sparse_s = paired_seconds(dense, sparse, REPEATS)
+    benchmark.extra_info.update(
+        kind="conv_layer", what=f"{c_in}->{c_out} {k}x{k} s{stride} p{padding} @{h}x{h}",
+        dtype="float32", batch=batch, copies=copies, kernel=kernel,
+        dense_s=dense_s / copies, sparse_s=sparse_s / copies, ratio=dense_s / sparse_s,
+        dense_weight_bytes=dense_bytes * copies,
+        sparse_weight_bytes=sum(layer.weight_nbytes for layer in layers), **machine_info())
+
+
+def _conv_weight_bytes(model):
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (sk.SparseConv2d, sk.SparseLinear)):
+            total += module.weight_nbytes
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            total += module.weight.nbytes
+    return total
+
+
+@pytest.fixture(scope="module")
+def resnet18_pair():
+    torch.manual_seed(0)
+    sparse = torchvision.models.resnet18().eval()
+    report = sk.sparsify(sparse, "2:4")
+    dense = sk.densify(copy.deepcopy(sparse)).eval()  # the same pruned weights, dense
+    return dense, sparse, report
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_resnet18(benchmark, resnet18_pair, batch):
+    dense, sparse, report = resnet18_pair
+    x = torch.randn(batch, 3, 224, 224)
+
+    def run(model):
+        with torch.no_grad():
+            return model(x)
+
+    benchmark.group = f"ResNet-18 2:4 batch {batch}"
+    benchmark.pedantic(run, args=(sparse,), rounds=3, iterations=1, warmup_rounds=1)
+    dense_s, sparse_s = paired_seconds(lambda: run(dense), lambda: run(sparse),
+                                       REPEATS if batch == 1 else 3)
+    benchmark.extra_info.update(
+        kind="module", what=f"ResNet-18 (torchvision, random init) 2:4, batch {batch}",
+        dtype="float32", batch=batch, converted=len(report.converted),
+        dense_s=dense_s, sparse_s=sparse_s, ratio=dense_s / sparse_s,
+        dense_weight_bytes=_conv_weight_bytes(dense),
+        sparse_weight_bytes=_conv_weight_bytes(sparse), **machine_info())
