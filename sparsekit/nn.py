@@ -454,9 +454,10 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
         return self.linear._sparse_forward(x)  # N:M, or bitmask when unstructured
 
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The sparse candidate: 1x1 kernels without padding as a direct N:M product over
+        """The sparse candidate: 1x1 kernels without padding as a direct product over
         channels (pixels as the batch; a stride subsamples x first), every other kernel
-        through the implicit-GEMM convolution sparsekit.ops.nm_conv2d."""
+        through the implicit-GEMM convolution sparsekit.ops.nm_conv2d (N:M), or the bitmask
+        product on unfolded patches (unstructured)."""
         padding = self.padding
         if padding == "same":
             x, padding = self._same_padding(x)
@@ -466,8 +467,23 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
             return self._nm_product(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         kh, kw = self.kernel_size
         lin = self.linear
+        if lin.unstructured:  # the bitmask product on unfolded patches
+            return self._unfolded_product(x, padding)
         return ops.nm_conv2d(x, lin.values, lin.metadata, lin.bias, self.in_channels, kh, kw,
                              self.stride, padding, self.dilation, lin.n, lin.m)
+
+    def _unfolded_product(self, x: torch.Tensor, padding) -> torch.Tensor:
+        """The layer's sparse product on unfold's patches (for formats without a direct
+        convolution kernel)."""
+        batch, _, height, width = x.shape
+        kh, kw = self.kernel_size
+        out_h = (height + 2 * padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (width + 2 * padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        cols = nn.functional.unfold(x, self.kernel_size, self.dilation, padding, self.stride)
+        # unfold orders a patch (C, kh, kw); the weight is flattened (kh, kw, C).
+        cols = cols.view(batch, self.in_channels, kh * kw, out_h * out_w).permute(0, 3, 2, 1)
+        y = self._nm_product(cols.reshape(batch, out_h * out_w, self.reduction))  # [batch, L, out]
+        return y.transpose(1, 2).reshape(batch, self.out_channels, out_h, out_w)
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The dense candidate: the kept values decompressed (scratch buffer without
