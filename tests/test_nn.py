@@ -355,14 +355,18 @@ def test_torch_compile_fullgraph_sparsified_cnn(training):
     sk.sparsify(model)
     model.train(training)
     x = torch.randn(2, 3, 6, 6)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    reference = copy.deepcopy(model)
-    out = compiled(x)
-    assert rel_err(out, reference(x)) < 1e-5
-    if training:
-        out.square().sum().backward()
-        reference(x).square().sum().backward()
-        assert rel_err(model[0].values.grad, reference[0].values.grad) < 1e-5
+    # One kernel for both sides: under "auto" each side would take whichever kernel its
+    # first call measured faster, and the train-mode BatchNorm magnifies the rounding
+    # difference between two correct kernels past the tolerance.
+    with sk.kernel_choice("sparse"):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        reference = copy.deepcopy(model)
+        out = compiled(x)
+        assert rel_err(out, reference(x)) < 1e-5
+        if training:
+            out.square().sum().backward()
+            reference(x).square().sum().backward()
+            assert rel_err(model[0].values.grad, reference[0].values.grad) < 1e-5
 
 
 @pytest.mark.slow
