@@ -15,25 +15,20 @@ import sparsekit as sk
 from sparsekit import ops, reference
 from sparsekit.bitmask import BitmaskTensor, compress_bitmask
 
+from cpu_isa import rel_err, run_on_isa  # noqa: E402
+
 ISAS = [isa for isa in ("avx512", "scalar") if isa in sk.build_info().get("cpu_isa_compiled", [])]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    if not ops.set_cpu_isa(request.param):
-        pytest.skip(f"this CPU has no {request.param}")
-    if sk.build_info()["cpu_bitmask_isa_active"] != request.param:
-        pytest.skip(f"the bitmask kernels have no {request.param} variant on this CPU")
-    yield request.param
-    ops.set_cpu_isa(ISAS[0]) or ops.set_cpu_isa("avx2") or ops.set_cpu_isa("scalar")
+    def bitmask_variant():
+        if sk.build_info()["cpu_bitmask_isa_active"] != request.param:
+            return f"the bitmask kernels have no {request.param} variant on this CPU"
+        return None
 
-
-def rel_err(out, ref):
-    ref = ref.double()
-    if ref.numel() == 0:
-        return 0.0
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    yield from run_on_isa(request.param, bitmask_variant)
 
 
 def sparse_weight(rows, k, sparsity, dtype=torch.float32, special=True):

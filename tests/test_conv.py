@@ -9,7 +9,7 @@ from torch import nn
 import sparsekit as sk
 from sparsekit import ops, reference
 
-ISAS = [isa for isa in ("avx512", "avx2", "scalar") if isa in sk.build_info().get("cpu_isa_compiled", [])]
+from cpu_isa import COMPILED_ISAS as ISAS, rel_err, run_on_isa  # noqa: E402
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 # (batch, C_in, out, (kh, kw), stride, padding, dilation, (H, W))
@@ -29,17 +29,7 @@ CASES = [
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    if not ops.set_cpu_isa(request.param):
-        pytest.skip(f"this CPU has no {request.param}")
-    yield request.param
-    ops.set_cpu_isa(ISAS[0]) or ops.set_cpu_isa("avx2") or ops.set_cpu_isa("scalar")
-
-
-def rel_err(out, ref):
-    ref = ref.double()
-    if ref.numel() == 0:
-        return 0.0
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    yield from run_on_isa(request.param)
 
 
 def conv_operands(batch, c, out, kernel, hw, n=2, m=4, dtype=torch.float32):

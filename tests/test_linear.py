@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import sparsekit as sk
 from sparsekit import ops, reference
 
-ISAS = [isa for isa in ("avx512", "avx2", "scalar") if isa in sk.build_info().get("cpu_isa_compiled", [])]
+from cpu_isa import COMPILED_ISAS as ISAS, rel_err, run_on_isa  # noqa: E402
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 PATTERNS = [(2, 4), (1, 4), (4, 8), (2, 8), (3, 7), (1, 2)]
 # (batch shape, K, rows): batch 0, one row, K not a multiple of M or of the SIMD chunk.
@@ -19,17 +19,7 @@ SHAPES = [((1,), 64, 16), ((5,), 37, 9), ((3, 4), 100, 7), ((16,), 130, 1), ((17
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    if not ops.set_cpu_isa(request.param):
-        pytest.skip(f"this CPU has no {request.param}")
-    yield request.param
-    ops.set_cpu_isa(ISAS[0]) or ops.set_cpu_isa("avx2") or ops.set_cpu_isa("scalar")
-
-
-def rel_err(out, ref):
-    ref = ref.double()
-    if ref.numel() == 0:
-        return 0.0
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    yield from run_on_isa(request.param)
 
 
 def operands(batch, k, rows, n, m, dtype):
