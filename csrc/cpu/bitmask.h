@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include "spmm.h"  // bf16_to_float
+
 namespace sparsekit {
 
 constexpr int64_t kChunk = 16;  // columns per mask chunk (one 16-bit word)
@@ -54,13 +56,6 @@ inline bool bitmask_row_ok(const uint16_t* mask_row, int64_t chunks, uint16_t ta
                            Popcount popcount) {
   return bitmask_row_bits(mask_row, chunks, popcount) == count &&
          (chunks == 0 || (mask_row[chunks - 1] & ~tail) == 0);
-}
-
-inline float bitmask_bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  __builtin_memcpy(&f, &bits, sizeof(f));
-  return f;
 }
 
 struct BitmaskArgs {

@@ -135,7 +135,7 @@ inline int64_t decode_row(const BitmaskArgs& a, int64_t r, int32_t* cols, float*
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i));
       _mm512_storeu_ps(vals + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)));
     }
-    for (; i < p; ++i) vals[i] = bitmask_bf16_to_float(h[i]);
+    for (; i < p; ++i) vals[i] = bf16_to_float(h[i]);
     *row_vals = vals;
   } else {
     *row_vals = static_cast<const float*>(a.values) + off;

@@ -7,7 +7,7 @@ namespace bitmask_scalar {
 namespace {
 
 inline float value_at(const BitmaskArgs& a, int64_t i) {
-  return a.bf16 ? bitmask_bf16_to_float(static_cast<const uint16_t*>(a.values)[i])
+  return a.bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.values)[i])
                 : static_cast<const float*>(a.values)[i];
 }
 

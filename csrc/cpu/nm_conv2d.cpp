@@ -24,6 +24,9 @@ namespace sparsekit {
 
 std::string spmm_active_isa();
 
+at::Tensor decompress_dense(const at::Tensor& values, const at::Tensor& metadata, int64_t k,
+                            int64_t n, int64_t m);  // nm_linear.cpp
+
 namespace {
 
 const ConvKernels& active_conv_kernels() {
@@ -43,13 +46,6 @@ std::pair<int64_t, int64_t> pair_arg(c10::IntArrayRef v, const char* name, int64
   return {v[0], v[1]};
 }
 
-at::Tensor decompress(const at::Tensor& values, const at::Tensor& metadata, int64_t k, int64_t n,
-                      int64_t m) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparsekit::nm_decompress", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t)>();
-  return op.call(values, metadata, k, n, m);
-}
 
 // Floats of a tile's input window per channel block (SPARSEKIT_CONV_WINDOW overrides it).
 // Thread CPU time of ResNet-18's stride-1 3x3 layers at batch 1, one thread, AVX-512 (on a
@@ -108,7 +104,7 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
   const at::ScalarType dtype = x.scalar_type();
   if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) {
     // e.g. fp64: exact, through the dense weight and torch's convolution.
-    const at::Tensor w = decompress(values, metadata, k, n, m)
+    const at::Tensor w = decompress_dense(values, metadata, k, n, m)
                              .view({rows, kh, kw, in_channels})
                              .permute({0, 3, 1, 2});
     return at::conv2d(x, w, bias, {sh, sw}, {ph, pw}, {dh, dw});

@@ -20,6 +20,16 @@
 
 namespace sparsekit {
 
+// The dense weight, through the registered op (for dtypes the kernels do not cover; the
+// convolution's fp64 path uses it too).
+at::Tensor decompress_dense(const at::Tensor& values, const at::Tensor& metadata, int64_t k,
+                            int64_t n, int64_t m) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparsekit::nm_decompress", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t)>();
+  return op.call(values, metadata, k, n, m);
+}
+
 namespace {
 
 bool cpu_supports(const char* isa) {
@@ -170,13 +180,9 @@ std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
   return shape;
 }
 
-// The dense weight, through the registered op (for dtypes the kernels do not cover).
 at::Tensor decompress(const at::Tensor& values, const at::Tensor& metadata, int64_t k, int64_t n,
                       int64_t m) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparsekit::nm_decompress", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t)>();
-  return op.call(values, metadata, k, n, m);
+  return decompress_dense(values, metadata, k, n, m);
 }
 
 at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
