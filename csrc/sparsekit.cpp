@@ -107,7 +107,12 @@ py::list cpu_isa_available() {
   py::list out;
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out.append("avx2");
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) out.append("avx512");
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+    out.append("avx512");
+    if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi")) {
+      out.append("avx512bf16");
+    }
+  }
   return out;
 }
 
@@ -149,9 +154,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const std::string& isa) {
         if (!sparsekit::spmm_set_isa(isa)) return false;
         // The bitmask kernels follow (their AVX-512 needs VBMI2; "avx2" is portable there).
-        if (!sparsekit::bitmask_set_isa(isa)) sparsekit::bitmask_set_isa("scalar");
+        // avx512bf16 is the AVX-512 set plus a bf16 N:M forward: AVX-512 bitmask kernels.
+        const std::string bitmask_isa = isa == "avx512bf16" ? "avx512" : isa;
+        if (!sparsekit::bitmask_set_isa(bitmask_isa)) sparsekit::bitmask_set_isa("scalar");
         return true;
       },
-      "Forces the CPU product kernels to one ISA ('avx512', 'avx2', 'scalar'); returns "
+      "Forces the CPU product kernels to one ISA ('avx512bf16', 'avx512', 'avx2', 'scalar'); returns "
       "False (and changes nothing) if this CPU or build lacks it.");
 }

@@ -503,8 +503,9 @@ def explain(op, *args) -> str:
 
 
 def set_cpu_isa(isa: str) -> bool:
-    """Forces the CPU product kernels to "avx512", "avx2" or "scalar" (for tests and
-    benchmarks). Returns False, changing nothing, if this CPU or build lacks it."""
+    """Forces the CPU product kernels to "avx512bf16" (AVX-512 plus AVX512-BF16 dot
+    products for bf16 2:4), "avx512", "avx2" or "scalar" (for tests and benchmarks).
+    Returns False, changing nothing, if this CPU or build lacks it."""
     if _ext.EXTENSION is None:
         return False
     return _ext.EXTENSION.set_cpu_isa(isa)

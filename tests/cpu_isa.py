@@ -6,7 +6,7 @@ import pytest
 import sparsekit as sk
 from sparsekit import ops
 
-COMPILED_ISAS = [isa for isa in ("avx512", "avx2", "scalar")
+COMPILED_ISAS = [isa for isa in ("avx512bf16", "avx512", "avx2", "scalar")
                  if isa in sk.build_info().get("cpu_isa_compiled", [])]
 
 

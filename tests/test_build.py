@@ -80,7 +80,7 @@ def test_format_kernels_compiled_for_every_arch(cuobjdump):
 def test_build_info_is_truthful():
     info = sk.build_info()
     assert info["extension_loaded"]
-    assert set(info["cpu_isa_available"]) <= {"avx2", "avx512"}
+    assert set(info["cpu_isa_available"]) <= {"avx2", "avx512", "avx512bf16"}
     if info["with_cuda"]:
         assert info["cuda_version"] and info["cuda_arch_list"]
     else:

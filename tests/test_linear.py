@@ -224,3 +224,19 @@ def test_double_backward_through_nm_linear():
     x = x.requires_grad_()
     assert torch.autograd.gradgradcheck(lambda a, v: ops.nm_linear(a, v, t.metadata, None, 16, 2, 4),
                                         (x, values))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 9])
+@pytest.mark.parametrize("batch", [1, 2, 4, 5, 7, 11])
+@pytest.mark.parametrize("k", [4, 61, 64, 127, 192, 257])
+def test_bf16_2_4_every_row_and_batch_remainder(isa, rows, batch, k):
+    # The bf16 dot-product forward (avx512bf16) works on 4 weight rows by 4 rows of x and
+    # 64-column chunks: every remainder of each, and K ending inside a chunk and a group.
+    # Inf at pruned columns of x must not reach y (only kept entries are gathered).
+    t, x, gy, bias = operands((batch,), k, rows, 2, 4, torch.bfloat16)
+    ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, 2, 4)
+    x_inf = x.clone()
+    x_inf[:, t.to_dense().ne(0).sum(0).eq(0)] = float("inf")
+    y = ops.nm_linear(x_inf, t.values, t.metadata, bias, k, 2, 4)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) < TOL[torch.bfloat16]

@@ -32,7 +32,7 @@ namespace {
 const ConvKernels& active_conv_kernels() {
   const std::string isa = spmm_active_isa();
 #if defined(__x86_64__)
-  if (isa == "avx512") return conv_kernels_avx512();
+  if (isa == "avx512" || isa == "avx512bf16") return conv_kernels_avx512();
   if (isa == "avx2") return conv_kernels_avx2();
 #endif
   return conv_kernels_scalar();

@@ -39,6 +39,10 @@ bool cpu_supports(const char* isa) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   }
+  if (std::strcmp(isa, "avx512bf16") == 0) {  // + bf16 dot products and VBMI's multishift
+    return cpu_supports("avx512") && __builtin_cpu_supports("avx512bf16") &&
+           __builtin_cpu_supports("avx512vbmi");
+  }
   if (std::strcmp(isa, "avx2") == 0) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("f16c");
@@ -49,6 +53,7 @@ bool cpu_supports(const char* isa) {
 
 const SpmmKernels* kernels_for(const std::string& isa) {
 #if defined(__x86_64__)
+  if (isa == "avx512bf16") return &spmm_kernels_avx512bf16();
   if (isa == "avx512") return &spmm_kernels_avx512();
   if (isa == "avx2") return &spmm_kernels_avx2();
 #endif
@@ -61,7 +66,7 @@ std::atomic<const SpmmKernels*> g_active{nullptr};
 const SpmmKernels& active_kernels() {
   const SpmmKernels* k = g_active.load();
   if (k == nullptr) {
-    for (const char* isa : {"avx512", "avx2", "scalar"}) {
+    for (const char* isa : {"avx512bf16", "avx512", "avx2", "scalar"}) {
       if (cpu_supports(isa) && (k = kernels_for(isa)) != nullptr) break;
     }
     g_active.store(k);
@@ -211,6 +216,25 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   const at::Tensor values_c = values.contiguous(), meta_c = metadata.contiguous();
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_p = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  if (n == 2 && m == 4 && kern.forward_2_4_bf16 != nullptr && values.scalar_type() == at::kBFloat16) {
+    // bf16 dot products, any batch: x stays bf16 and row-major, padded to whole 64-column
+    // chunks; y is summed in fp32.
+    const int64_t ldx = round_up(kp, 64);
+    at::Tensor x16 = at::zeros({batch, ldx}, x.options());
+    x16.narrow(1, 0, k).copy_(x2);
+    at::Tensor y32 = at::empty({batch, rows}, x.options().dtype(at::kFloat));
+    SpmmArgs a{values_c.const_data_ptr(), ValueType::kBFloat16, meta_c.const_data_ptr<uint8_t>(),
+               L, rows, 0, nullptr, nullptr, nullptr, bias_p, 0, true, nullptr, 0,
+               y32.data_ptr<float>(), rows};
+    a.x16 = reinterpret_cast<const uint16_t*>(x16.const_data_ptr<at::BFloat16>());
+    a.ldx = ldx;
+    a.batch = batch;
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      kern.forward_2_4_bf16(a, r0, r1, nullptr);
+    });
+    y.copy_(y32);
+    return y.view(with_last(x, rows));
+  }
   if (n == 2 && m == 4 && kern.forward_2_4[0] != nullptr && batch <= small_batch_limit()) {
     // Small batch: x rows stay row-major, up to 8 per pass over the compressed weight.
     const int64_t ldx = round_up(kp, 32);
@@ -336,7 +360,7 @@ bool spmm_set_isa(const std::string& isa) {
 
 std::vector<std::string> spmm_compiled_isas() {
 #if defined(__x86_64__)
-  return {"scalar", "avx2", "avx512"};
+  return {"scalar", "avx2", "avx512", "avx512bf16"};
 #else
   return {"scalar"};
 #endif

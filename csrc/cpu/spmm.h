@@ -40,6 +40,10 @@ struct SpmmArgs {
   int64_t ldx;
   float* y;
   int64_t ldy;
+  // 2:4 bf16 forward with bf16 dot products (forward_2_4_bf16): x16 [batch, ldx] bf16 with
+  // ldx a multiple of 64 and zero padding beyond K, into y [batch, ldy] fp32.
+  const uint16_t* x16 = nullptr;
+  int64_t batch = 0;
 };
 
 // 2:4 metadata byte -> the kept columns of its two groups within their 8 columns, one
@@ -86,11 +90,15 @@ struct SpmmKernels {
   // 2:4 grad input (groups range, like grad_input) and sddmm (rows), decoded on the fly.
   RowKernel grad_input_2_4[kMaxTileRegs];
   RowKernel sddmm_2_4[kMaxTileRegs];
+  // 2:4 forward for bf16 values and x with bf16 dot products (AVX512-BF16), every row of x
+  // over rows [r0, r1) (SpmmArgs::x16, batch, y); null where the ISA has none.
+  RowKernel forward_2_4_bf16 = nullptr;
 };
 
 // Defined in spmm_<isa>.cpp; the AVX ones only on x86 builds.
 const SpmmKernels& spmm_kernels_scalar();
 const SpmmKernels& spmm_kernels_avx2();
 const SpmmKernels& spmm_kernels_avx512();
+const SpmmKernels& spmm_kernels_avx512bf16();  // avx512 + the AVX512-BF16 2:4 forward
 
 }  // namespace sparsekit
