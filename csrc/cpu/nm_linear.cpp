@@ -219,20 +219,23 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   if (n == 2 && m == 4 && kern.forward_2_4_bf16 != nullptr && values.scalar_type() == at::kBFloat16) {
     // bf16 dot products, any batch: x stays bf16 and row-major, padded to whole 64-column
     // chunks; y is summed in fp32.
+    // x is used in place when its rows are already whole chunks (K a multiple of 64), as
+    // in most models; y is written as bf16 directly (one rounding of the fp32 sum).
     const int64_t ldx = round_up(kp, 64);
-    at::Tensor x16 = at::zeros({batch, ldx}, x.options());
-    x16.narrow(1, 0, k).copy_(x2);
-    at::Tensor y32 = at::empty({batch, rows}, x.options().dtype(at::kFloat));
+    at::Tensor x16 = x2;
+    if (k != ldx || !x2.is_contiguous()) {
+      x16 = at::zeros({batch, ldx}, x.options());
+      x16.narrow(1, 0, k).copy_(x2);
+    }
     SpmmArgs a{values_c.const_data_ptr(), ValueType::kBFloat16, meta_c.const_data_ptr<uint8_t>(),
-               L, rows, 0, nullptr, nullptr, nullptr, bias_p, 0, true, nullptr, 0,
-               y32.data_ptr<float>(), rows};
+               L, rows, 0, nullptr, nullptr, nullptr, bias_p, 0, true, nullptr, 0, nullptr, rows};
     a.x16 = reinterpret_cast<const uint16_t*>(x16.const_data_ptr<at::BFloat16>());
     a.ldx = ldx;
     a.batch = batch;
+    a.y16 = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
     at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
       kern.forward_2_4_bf16(a, r0, r1, nullptr);
     });
-    y.copy_(y32);
     return y.view(with_last(x, rows));
   }
   if (n == 2 && m == 4 && kern.forward_2_4[0] != nullptr && batch <= small_batch_limit()) {

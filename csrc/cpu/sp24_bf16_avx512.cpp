@@ -18,7 +18,8 @@
 // each chunk of x, loaded once, serves R rows, and each row's compressed data, read once
 // from memory, serves every batch tile from L1 (a block of R rows is 4 * K bytes and
 // metadata). Products are exact in fp32 and summed in fp32 (the instruction flushes
-// subnormal inputs and results to zero); the result is written as fp32.
+// subnormal inputs and results to zero); the result is written as fp32, or rounded once to
+// bf16 when the caller asks for it (SpmmArgs::y16).
 #include <cstdint>
 #include <cstring>
 
@@ -36,6 +37,7 @@ namespace {
 
 constexpr int kRows = 4;   // R: weight rows per pass
 constexpr int kBatch = 4;  // T: rows of x per pass (R * T = 16 accumulators)
+constexpr int64_t kPrefetchRows = 8;  // how far ahead (in weight rows) to prefetch
 
 struct Consts {
   __m512i shift;  // multishift control: the low byte of word s takes metadata bits 2s..
@@ -52,6 +54,14 @@ inline Consts make_consts() {
     base[s] = static_cast<uint16_t>(4 * (s / 2));
   }
   return {_mm512_load_si512(shift), _mm512_set1_epi16(3), _mm512_load_si512(base)};
+}
+
+// fp32 -> bf16, rounded to nearest even (NaN stays NaN), as torch rounds.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
 // Word s: the column (0..63) of chunk-local x that kept value s multiplies.
@@ -87,8 +97,19 @@ void pass(const SpmmArgs& a, int64_t r, int64_t b0, const Consts& k) {
       }
     }
   };
+  // Rows a pass or two ahead, prefetched chunk by chunk: the rows of a layer are a few KB
+  // each, too short for the hardware prefetcher to ramp up on the R streams.
+  const int64_t ahead = r + kPrefetchRows + R <= a.rows ? kPrefetchRows : 0;
   for (int64_t c = 0; c < full; ++c) {
     __m512i w[R], idx[R];
+    if (b0 == 0 && ahead > 0) {
+      for (int i = 0; i < R; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(vals[i] + ahead * L.values_per_row + 32 * c), _MM_HINT_T0);
+        if ((c & 7) == 0) {
+          _mm_prefetch(reinterpret_cast<const char*>(meta[i] + ahead * L.meta_bytes_per_row + 8 * c), _MM_HINT_T0);
+        }
+      }
+    }
     for (int i = 0; i < R; ++i) {
       uint64_t m;
       std::memcpy(&m, meta[i] + 8 * c, 8);
@@ -112,7 +133,14 @@ void pass(const SpmmArgs& a, int64_t r, int64_t b0, const Consts& k) {
   }
   for (int i = 0; i < R; ++i) {
     const float bias = a.bias != nullptr ? a.bias[r + i] : 0.f;
-    for (int t = 0; t < T; ++t) a.y[(b0 + t) * a.ldy + r + i] = _mm512_reduce_add_ps(acc[i][t]) + bias;
+    for (int t = 0; t < T; ++t) {
+      const float v = _mm512_reduce_add_ps(acc[i][t]) + bias;
+      if (a.y16 != nullptr) {
+        a.y16[(b0 + t) * a.ldy + r + i] = float_to_bf16(v);
+      } else {
+        a.y[(b0 + t) * a.ldy + r + i] = v;
+      }
+    }
   }
 }
 

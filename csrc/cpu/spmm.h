@@ -44,6 +44,7 @@ struct SpmmArgs {
   // ldx a multiple of 64 and zero padding beyond K, into y [batch, ldy] fp32.
   const uint16_t* x16 = nullptr;
   int64_t batch = 0;
+  uint16_t* y16 = nullptr;  // if set, y is written here as bf16 instead of to y (same ldy)
 };
 
 // 2:4 metadata byte -> the kept columns of its two groups within their 8 columns, one
