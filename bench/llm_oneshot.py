@@ -5,6 +5,10 @@
     python bench/llm_oneshot.py speed   # seconds of SparseGPT 2:4; decode tokens/s of the
                                         # 2:4 model sparsified (all Linear but lm_head) vs
                                         # dense, same weights, same run; greedy completions
+    python bench/llm_oneshot.py recovery [--minutes 15]
+                                        # SparseGPT 2:4, sparsified, then sk.prune.distill
+                                        # against the dense model on the calibration part
+                                        # for a time budget: perplexity before and after
 
 Perplexity is on held-out text (`sparsekit.lm.text_splits`: the evaluation part), the
 calibration on the calibration part: nothing overlaps. Results go to
@@ -135,9 +139,44 @@ def run_speed(out: dict, new_tokens: int, repeats: int) -> None:
             print(f"  {name:26s} {texts[prompt_i]!r}")
 
 
+def run_recovery(out: dict, minutes: float, batch_size: int, lr: float) -> None:
+    """SparseGPT 2:4 one-shot, sparsified, then distilled against the dense model on the
+    calibration split for at most `minutes`: held-out perplexity before and after."""
+    model, tokenizer = lm.load_smollm2(verbose=True)
+    cal, ev = data(tokenizer)
+    calibration, _ = lm.text_splits()
+    train = lm.token_blocks(tokenizer, calibration, CAL_LENGTH)  # every calibration block
+    dense = lm.perplexity(model, ev, progress=True)
+    teacher = copy.deepcopy(model)
+    report = sk.prune.oneshot(model, cal, method="sparsegpt", pattern="2:4", convert=True,
+                              exclude="lm_head")
+    before = lm.perplexity(model, ev, progress=True)
+    print(f"dense {dense:.2f}, SparseGPT 2:4 {before:.2f} ({before / dense:.2f}x dense) "
+          f"after {report.seconds:.0f} s of one-shot pruning", flush=True)
+    shuffled = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))]
+    rec = sk.prune.distill(model, teacher, shuffled, steps=100_000, lr=lr, batch_size=batch_size,
+                           max_seconds=60 * minutes)
+    print(rec, flush=True)
+    after = lm.perplexity(model, ev, progress=True)
+    out.update(dense=dense, oneshot=before, recovered=after, oneshot_seconds=report.seconds,
+               distill_seconds=rec.seconds, distill_steps=rec.steps, distill_batch_size=batch_size,
+               distill_lr=lr, distill_tokens=rec.steps * batch_size * CAL_LENGTH,
+               distill_blocks=train.shape[0], trained_parameters=rec.trained_parameters,
+               kl_first10=sum(rec.losses[:10]) / max(len(rec.losses[:10]), 1),
+               kl_last10=sum(rec.losses[-10:]) / max(len(rec.losses[-10:]), 1),
+               ratio_before=before / dense, ratio_after=after / dense)
+    print(f"\nSmolLM2-135M-Instruct fp32, SparseGPT 2:4 then distillation ({rec.steps} steps of "
+          f"{batch_size}x{CAL_LENGTH} tokens, {rec.seconds / 60:.1f} min): perplexity dense "
+          f"{dense:.2f}, one-shot {before:.2f} ({before / dense:.2f}x), recovered {after:.2f} "
+          f"({after / dense:.2f}x; target <= 2.5x in <= 20 min); {out['machine']}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["table", "speed"])
+    parser.add_argument("mode", choices=["table", "speed", "recovery"])
+    parser.add_argument("--minutes", type=float, default=15.0, help="recovery: distillation time budget")
+    parser.add_argument("--batch-size", type=int, default=2, help="recovery: blocks per step")
+    parser.add_argument("--lr", type=float, default=1e-4, help="recovery: AdamW learning rate")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
@@ -149,6 +188,8 @@ def main(argv=None) -> int:
            "evaluation_tokens": EVAL_BLOCKS * EVAL_LENGTH}
     if args.mode == "table":
         run_table(out)
+    elif args.mode == "recovery":
+        run_recovery(out, args.minutes, args.batch_size, args.lr)
     else:
         run_speed(out, args.new_tokens, args.repeats)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"llm_oneshot_{args.mode}.json")

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -61,13 +62,17 @@ def test_llm_demo_short_run(tmp_path, capsys):
         pytest.skip(f"SmolLM2-135M not available: {reason}")
     from sparsekit.llm_demo import run
 
+    # A time budget below one step: exactly one step of distillation.
     results = run(str(tmp_path), calibration_blocks=2, calibration_length=64, eval_blocks=1,
-                  eval_length=128, new_tokens=4, repeats=1)
+                  eval_length=128, new_tokens=4, repeats=1, recovery_seconds=1e-9)
     saved = json.loads((tmp_path / "llm_results.json").read_text())
     assert saved["perplexity"] == pytest.approx(results["perplexity"])
     ppl = results["perplexity"]
-    assert set(ppl) == {"dense", "magnitude 2:4", "SparseGPT 2:4"}
+    names = {"dense", "magnitude 2:4", "SparseGPT 2:4", "SparseGPT 2:4 + distill"}
+    assert set(ppl) == names
     assert ppl["dense"] < ppl["SparseGPT 2:4"] < ppl["magnitude 2:4"]
+    assert math.isfinite(ppl["SparseGPT 2:4 + distill"])
+    assert results["distill"]["steps"] == 1
     assert results["weight_bytes"]["2:4"] < 0.6 * results["weight_bytes"]["dense"]
-    assert set(results["completions"]) == {"dense", "magnitude 2:4", "SparseGPT 2:4"}
+    assert set(results["completions"]) == names
     assert "decode" in capsys.readouterr().out

@@ -320,6 +320,20 @@ def test_distill_recovers_and_keeps_the_pattern():
     assert not student.training
 
 
+def test_distill_time_budget_stops_early():
+    teacher = _tiny_llama()
+    student = copy.deepcopy(teacher)
+    ids = torch.randint(0, 96, (8, 8), generator=torch.Generator().manual_seed(2))
+    oneshot(student, ids, method="magnitude", pattern="2:4", convert=True, progress=False)
+    # A budget far below one step's time: exactly one step, whatever the machine's speed.
+    report = sk.prune.distill(student, teacher, ids, steps=50, batch_size=4, progress=False,
+                              max_seconds=1e-9)
+    assert report.steps == 1 and len(report.losses) == 1
+    for bad in (0, -1.0, float("nan"), True, "5"):
+        with pytest.raises(ValueError, match="max_seconds"):
+            sk.prune.distill(student, teacher, ids, steps=1, progress=False, max_seconds=bad)
+
+
 def test_distill_bad_input():
     teacher = _tiny_llama()
     ids = torch.randint(0, 96, (4, 8))

@@ -79,11 +79,16 @@ def _logits(out) -> torch.Tensor:
 
 def distill(student: nn.Module, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-4,
             batch_size: int = 4, temperature: float = 1.0, max_grad_norm: float = 1.0,
-            weight_decay: float = 0.0, progress: bool = True) -> DistillReport:
+            weight_decay: float = 0.0, progress: bool = True,
+            max_seconds: float | None = None) -> DistillReport:
     """Fine-tunes `student` (pruned, sparsified) to match `teacher` (the dense model) with
     the KL divergence between their softened output distributions (``temperature``),
     AdamW on `recovery_parameters(student)` only, gradients clipped to ``max_grad_norm``,
     a linear learning-rate decay to 0 over ``steps``.
+
+    max_seconds: a time budget. Training stops after the step that reaches it, and the
+    learning rate decays by whichever is further along, steps or time, so that it ends near
+    0 either way. The report's ``steps`` is the number of steps taken.
 
     data: a tensor of model inputs (e.g. token ids [count, length]; cut into batches of
     ``batch_size`` along dim 0 and cycled) or an iterable of such tensors (cycled).
@@ -107,6 +112,9 @@ def distill(student: nn.Module, teacher: nn.Module, data, steps: int = 100, lr: 
         batches = list(data)
         if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
             raise ValueError("data must be a non-empty tensor or iterable of tensors")
+    if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, numbers.Real)
+                                    or not (max_seconds > 0 and math.isfinite(max_seconds))):
+        raise ValueError(f"max_seconds must be a positive number of seconds or None, got {max_seconds!r}")
     params = recovery_parameters(student)
     if not any(isinstance(m, (SparseLinear, SparseConv2d)) for m in student.modules()):
         raise ValueError("student has no SparseLinear / SparseConv2d: sparsify it first "
@@ -118,15 +126,24 @@ def distill(student: nn.Module, teacher: nn.Module, data, steps: int = 100, lr: 
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    start = time.perf_counter()
+
+    def remaining(step: int) -> float:
+        done = step / steps
+        if max_seconds is not None:
+            done = max(done, (time.perf_counter() - start) / max_seconds)
+        return max(0.0, 1.0 - done)
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, remaining)
     report = DistillReport(steps, sum(p.numel() for p in params))
     teacher.eval()
     student.train()
-    start = time.perf_counter()
-    bar = tqdm(zip(range(steps), itertools.cycle(batches)), total=steps, desc="distill",
-               disable=not progress)
+    # Steps, or seconds of the time budget when there is one.
+    timed = max_seconds is not None
+    bar = tqdm(total=math.ceil(max_seconds) if timed else steps, unit="s" if timed else "step",
+               desc="distill", disable=not progress)
     try:
-        for _, x in bar:
+        for step, x in zip(range(steps), itertools.cycle(batches)):
             with torch.no_grad():
                 target = _logits(teacher(x)).float() / temperature
             out = _logits(student(x)).float() / temperature
@@ -139,10 +156,19 @@ def distill(student: nn.Module, teacher: nn.Module, data, steps: int = 100, lr: 
             optimizer.step()
             schedule.step()
             report.losses.append(loss.item())
-            bar.set_postfix(kl=f"{loss.item():.4f}")
+            elapsed = time.perf_counter() - start
+            if timed:
+                bar.update(min(math.floor(elapsed), bar.total) - bar.n)
+            else:
+                bar.update(1)
+            bar.set_postfix(kl=f"{loss.item():.4f}", step=step + 1)
+            if timed and elapsed >= max_seconds:
+                break
     finally:
+        bar.close()
         for p in frozen:
             p.requires_grad_(True)
         student.eval()
     report.seconds = time.perf_counter() - start
+    report.steps = len(report.losses)
     return report
