@@ -358,3 +358,31 @@ def test_errors_false_same_masks_fewer_statistics():
         assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
         assert all(math.isnan(r.error) for r in rb.layers) and not math.isnan(ra.mean_error)
         assert (len(calls) == 0) == (method == "magnitude")  # magnitude never runs the model
+
+
+def test_one_hessian_in_memory_at_a_time_and_groups_share_one(monkeypatch):
+    # Every _Stats (one XXᵀ) is freed before the next is made; q/k/v and gate/up share one.
+    import importlib
+    import weakref
+
+    oneshot_module = importlib.import_module("sparsekit.prune.oneshot")
+
+    alive: set[int] = set()
+    made, peak = [], [0]
+    original = oneshot_module._Stats.__init__
+
+    def tracked(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        alive.add(id(self))
+        weakref.finalize(self, alive.discard, id(self))
+        made.append(1)
+        peak[0] = max(peak[0], len(alive))
+
+    monkeypatch.setattr(oneshot_module._Stats, "__init__", tracked)
+    model = _tiny_llama()
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(3))
+    report = oneshot(model, ids, method="sparsegpt", pattern="2:4", progress=False)
+    blocks = len(model.model.layers)
+    assert len(report.layers) == 7 * blocks
+    assert peak[0] == 1
+    assert len(made) == 4 * blocks  # q/k/v, o, gate/up, down: four inputs per block

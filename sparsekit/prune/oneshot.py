@@ -31,8 +31,10 @@ Methods (N:M with ``pattern="N:M"``, or unstructured with ``sparsity=``):
 - "magnitude": the lowest |w| per layer (unstructured) or per group (N:M); the calibration
   data only serve the error report.
 
-Statistics are fp32 whatever the model's dtype. The Hessians (one per distinct layer input:
-q/k/v projections, or gate/up projections, share one) of one block are in memory at a time.
+Statistics are fp32 whatever the model's dtype. Inside a block, the layers that read one
+input (q/k/v projections, or gate/up projections, share one Hessian) are pruned together,
+group after group in the order data reaches them, each group's statistics gathered from
+what the block's already-pruned layers produce: one Hessian is in memory at a time.
 """
 
 from __future__ import annotations
@@ -643,31 +645,79 @@ def _walk_blocks(model, block_list, block_name, layers, batches, report, method,
         prefix = f"{block_name}.{i}."
         mine = {name: layer for name, layer in layers.items() if name.startswith(prefix)}
         if mine:
-            stats: dict[str, _Stats] = {}
-            handles = _stats_hooks(mine, stats, full)
-            try:
-                for j, batch in enumerate(captured):
-                    try:
-                        _call(block, batch)
-                    except Exception as err:
-                        if i == 0:  # nothing pruned yet: the calibration is at fault
-                            raise _user_error(err, f"{block_name}[0] on calibration batch {j}") from err
-                        raise
-                    _release(stats)
-            finally:
-                for h in handles:
-                    h.remove()
-            for name in [name for name in mine if name not in stats]:
+            groups, repeated = _input_groups(block, mine, captured[0], i == 0, block_name)
+            for name in [name for name in mine if not any(name in g for g in groups)]:
                 report.skipped[name] = "never ran on the calibration data"
                 del mine[name]
-            for name, layer in mine.items():
-                report.layers.append(_prune_layer(name, layer, stats[name], method, n, m,
-                                                  sparsity, blocksize, damp))
-            del stats
+            # One group of layers reading one input at a time, in the order data reaches
+            # them: its statistics (one Hessian) from inputs the block's already-pruned
+            # layers produce, then pruned, then freed.
+            for group in groups:
+                stats: dict[str, _Stats] = {}
+                members = {name: mine[name] for name in group}
+                handles = _stats_hooks(members, stats, full,
+                                       stop_after=None if repeated else group[-1])
+                try:
+                    for j, batch in enumerate(captured):
+                        try:
+                            _call(block, batch)
+                        except _Stop:
+                            pass
+                        except Exception as err:
+                            if i == 0:  # nothing pruned yet: the calibration is at fault
+                                raise _user_error(err, f"{block_name}[0] on calibration batch {j}") from err
+                            raise
+                        _release(stats)
+                finally:
+                    for h in handles:
+                        h.remove()
+                for name, layer in members.items():
+                    report.layers.append(_prune_layer(name, layer, stats[name], method, n, m,
+                                                      sparsity, blocksize, damp))
+                del stats
             if mine:
                 bar.set_postfix(error=f"{sum(r.error for r in report.layers[-len(mine):]) / len(mine):.4f}")
         if i + 1 < len(block_list):
             captured = [_with_hidden(batch, _first_tensor(_call(block, batch))) for batch in captured]
+
+
+def _input_groups(block, layers: dict[str, nn.Module], batch, first_block: bool, block_name: str):
+    """The block's layers grouped by the input tensor they read, in the order they run on
+    one calibration batch (q/k/v, or gate/up, form one group), and whether any layer ran
+    more than once (then statistics passes run the whole block instead of stopping early)."""
+    fired: list[tuple[str, torch.Tensor]] = []
+
+    def make(name):
+        def hook(module, args):
+            fired.append((name, args[0]))
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make(name)) for name, layer in layers.items()]
+    try:
+        try:
+            _call(block, batch)
+        except Exception as err:
+            if first_block:
+                raise _user_error(err, f"{block_name}[0] on calibration batch 0") from err
+            raise
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    seen: set[str] = set()
+    repeated = False
+    for name, x in fired:
+        if name in seen:
+            repeated = True
+            continue
+        seen.add(name)
+        for tensor, names in groups:
+            if tensor is x:
+                names.append(name)
+                break
+        else:
+            groups.append((x, [name]))
+    return [names for _, names in groups], repeated
 
 
 def _walk_layers(model, order, layers, batches, report, method, n, m, sparsity, blocksize, damp,
