@@ -77,7 +77,7 @@ def run_table(out: dict) -> None:
                                          "mean_error": report.mean_error,
                                          "sparsity": report.sparsity}
             print(f"{method:9s} {label:16s} perplexity {ppl:9.2f}  mean rel. error "
-                  f"{report.mean_error:.4f}  {report.seconds:.0f} s (under load)", flush=True)
+                  f"{report.mean_error:.4f}  {report.seconds:.0f} s", flush=True)
             del pruned
     out["rows"] = rows
     print(f"\nSmolLM2-135M-Instruct fp32, perplexity on {EVAL_BLOCKS}x{EVAL_LENGTH} held-out "

@@ -41,7 +41,7 @@ def _figure(path: str, results: dict) -> bool:
         return False
     names = list(results["perplexity"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    bars = ax1.bar(names, [results["perplexity"][n] for n in names],
+    bars = ax1.bar([n.replace(" + ", "\n+ ") for n in names], [results["perplexity"][n] for n in names],
                    color=["tab:gray", "tab:red", "tab:olive", "tab:green"][:len(names)])
     ax1.bar_label(bars, fmt="%.1f")
     ax1.set_yscale("log")
