@@ -9,6 +9,9 @@
                                         # SparseGPT 2:4, sparsified, then sk.prune.distill
                                         # against the dense model on the calibration part
                                         # for a time budget: perplexity before and after
+    python bench/llm_oneshot.py owl [--sparsity 0.7]
+                                        # Wanda and SparseGPT unstructured, uniform and with
+                                        # OWL's non-uniform block sparsities: perplexity
 
 Perplexity is on held-out text (`sparsekit.lm.text_splits`: the evaluation part), the
 calibration on the calibration part: nothing overlaps. Results go to
@@ -171,9 +174,40 @@ def run_recovery(out: dict, minutes: float, batch_size: int, lr: float) -> None:
           f"({after / dense:.2f}x; target <= 2.5x in <= 20 min); {out['machine']}")
 
 
+def run_owl(out: dict, sparsity: float) -> None:
+    """Unstructured Wanda and SparseGPT at `sparsity`, uniform and with OWL's non-uniform
+    block sparsities (default threshold 5, range 0.08): held-out perplexity."""
+    model, tokenizer = lm.load_smollm2(verbose=True)
+    cal, ev = data(tokenizer)
+    out["dense"] = lm.perplexity(model, ev, progress=True)
+    rows = {}
+    for method in ("wanda", "sparsegpt"):
+        for owl in (False, True):
+            pruned = copy.deepcopy(model)
+            report = sk.prune.oneshot(pruned, cal, method=method, sparsity=sparsity, owl=owl,
+                                      errors=method == "sparsegpt")
+            label = f"{method}{' + OWL' if owl else ''}"
+            rows[label] = {"perplexity": lm.perplexity(pruned, ev, progress=True),
+                           "sparsity": report.sparsity,
+                           "block_sparsity": {k: v[1] for k, v in (report.owl or {}).items()}}
+            print(f"{label:16s} {sparsity:.0%} unstructured: perplexity {rows[label]['perplexity']:.2f} "
+                  f"(sparsity {report.sparsity:.4f})", flush=True)
+            del pruned
+    out["rows"], out["target_sparsity"] = rows, sparsity
+    spread = rows["wanda + OWL"]["block_sparsity"].values()
+    print(f"\nSmolLM2-135M-Instruct fp32, {sparsity:.0%} unstructured, perplexity on "
+          f"{EVAL_BLOCKS}x{EVAL_LENGTH} held-out tokens (dense {out['dense']:.2f}); OWL block "
+          f"sparsities {min(spread):.3f}-{max(spread):.3f}; {out['machine']}\n")
+    print("| method | uniform | OWL |")
+    print("|---|---|---|")
+    for method in ("wanda", "sparsegpt"):
+        print(f"| {method} | {rows[method]['perplexity']:.2f} | {rows[method + ' + OWL']['perplexity']:.2f} |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["table", "speed", "recovery"])
+    parser.add_argument("mode", choices=["table", "speed", "recovery", "owl"])
+    parser.add_argument("--sparsity", type=float, default=0.7, help="owl: the unstructured sparsity")
     parser.add_argument("--minutes", type=float, default=15.0, help="recovery: distillation time budget")
     parser.add_argument("--batch-size", type=int, default=2, help="recovery: blocks per step")
     parser.add_argument("--lr", type=float, default=1e-4, help="recovery: AdamW learning rate")
@@ -190,6 +224,8 @@ def main(argv=None) -> int:
         run_table(out)
     elif args.mode == "recovery":
         run_recovery(out, args.minutes, args.batch_size, args.lr)
+    elif args.mode == "owl":
+        run_owl(out, args.sparsity)
     else:
         run_speed(out, args.new_tokens, args.repeats)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"llm_oneshot_{args.mode}.json")

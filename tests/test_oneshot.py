@@ -386,3 +386,45 @@ def test_one_hessian_in_memory_at_a_time_and_groups_share_one(monkeypatch):
     assert len(report.layers) == 7 * blocks
     assert peak[0] == 1
     assert len(made) == 4 * blocks  # q/k/v, o, gate/up, down: four inputs per block
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_owl_gives_blocks_with_more_outliers_lower_sparsity(method):
+    model = _tiny_llama()
+    with torch.no_grad():  # a few large weights in one block: more outliers there
+        w = model.model.layers[1].mlp.gate_proj.weight
+        w.view(-1)[torch.randperm(w.numel(), generator=torch.Generator().manual_seed(4))[:300]] *= 20
+    ids = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(0))
+    report = oneshot(model, ids, method=method, sparsity=0.5, owl=True, owl_range=0.1,
+                     progress=False)
+    (b0, (r0, s0)), (b1, (r1, s1)) = sorted(report.owl.items())
+    assert (b0, b1) == ("model.layers.0", "model.layers.1")
+    assert r1 > r0 and s1 < s0  # more outliers: fewer pruned
+    assert s0 == pytest.approx(0.6) and s1 == pytest.approx(0.4)  # spread over 0.5 ± 0.1
+    for layer in report.layers:  # every layer of a block gets its block's sparsity
+        block_sparsity = s0 if layer.name.startswith(b0 + ".") else s1
+        assert layer.sparsity == pytest.approx(block_sparsity, abs=1 / 64)
+    assert report.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_owl_layer_by_layer_and_bad_arguments():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(64, 16)
+    report = oneshot(model, x, method="wanda", sparsity=0.6, owl=True, progress=False)
+    assert set(report.owl) == {"0", "2", "4"}
+    sparsities = [s for _, s in report.owl.values()]
+    assert sum(sparsities) / 3 == pytest.approx(0.6)
+    # The outlier ratios mapped linearly onto a spread of 2 * owl_range, mean kept.
+    assert max(sparsities) - min(sparsities) == pytest.approx(0.16)
+    ratios = {name: r for name, (r, _) in report.owl.items()}
+    assert min(ratios, key=ratios.get) == max(report.owl, key=lambda k: report.owl[k][1])
+    before = [p.clone() for p in model.parameters()]
+    for kwargs, match in [({"pattern": "2:4", "owl": True}, "owl"),
+                          ({"sparsity": 0.5, "owl": True, "owl_threshold": 0}, "owl_threshold"),
+                          ({"sparsity": 0.5, "owl": True, "owl_range": 0.5}, "owl_range"),
+                          ({"sparsity": 0.1, "owl": True, "owl_range": 0.08}, "owl_range"),
+                          ({"sparsity": 0.5, "owl": 1}, "owl")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            oneshot(model, x, method="wanda", progress=False, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -87,6 +87,8 @@ class OneShotReport:
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     converted: SparsifyReport | None = None
+    # With owl=True: {block or layer name: (outlier ratio, sparsity it was given)}.
+    owl: dict[str, tuple[float, float]] | None = None
 
     @property
     def sparsity(self) -> float:
@@ -496,7 +498,8 @@ def _release(stats: dict[str, _Stats]) -> None:
 def oneshot(model: nn.Module, calibration, method: str = "sparsegpt", pattern: str | None = None,
             sparsity: float | None = None, include=None, exclude=None, blocks=None,
             batch_size: int = 8, blocksize: int = 128, damp: float = 0.01, errors: bool = True,
-            convert: bool = False, progress: bool = True) -> OneShotReport:
+            convert: bool = False, progress: bool = True, owl: bool = False,
+            owl_threshold: float = 5.0, owl_range: float = 0.08) -> OneShotReport:
     """Prunes every eligible nn.Linear / nn.Conv2d of `model` in place from calibration data,
     with SparseGPT, Wanda or magnitude, to an N:M `pattern` or an unstructured `sparsity`
     (see the module docstring for the walk and the methods). Zeros stay in the dense
@@ -520,6 +523,14 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt", pattern: s
             model with repeated blocks prunes without running the model at all (the
             calibration is then only checked); the report's errors are NaN.
         progress: a tqdm progress bar.
+        owl, owl_threshold, owl_range: non-uniform sparsity for unstructured pruning (OWL,
+            Yin et al., 2024). A first pass over the unpruned model measures, per block
+            (or per layer without blocks), the fraction of Wanda scores |W|·‖X‖ above
+            ``owl_threshold`` times their mean: the outliers. Blocks with more outliers
+            keep more weights: the fractions are mapped linearly onto sparsities
+            ``2 * owl_range`` apart (most outliers: lowest), shifted so that their mean is
+            ``sparsity`` (with two blocks: ``sparsity ± owl_range``). The report's ``owl``
+            holds each block's fraction and sparsity.
 
     Returns a `OneShotReport`. Raises ValueError / TypeError naming the argument, with the
     model unchanged, for an unknown method, a bad pattern or sparsity, empty calibration,
@@ -534,6 +545,20 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt", pattern: s
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if convert and pattern is None:
         raise ValueError("convert=True needs pattern='N:M': sparsify converts N:M layers only")
+    if not isinstance(owl, bool):
+        raise TypeError(f"owl must be a bool, got {type(owl).__name__}")
+    if owl:
+        if sparsity is None:
+            raise ValueError("owl=True needs sparsity= (OWL spreads an unstructured sparsity "
+                             "over the layers; an N:M pattern is the same everywhere)")
+        if isinstance(owl_threshold, bool) or not isinstance(owl_threshold, numbers.Real) or \
+                not (owl_threshold > 0 and math.isfinite(owl_threshold)):
+            raise ValueError(f"owl_threshold must be a positive float, got {owl_threshold!r}")
+        # Any sparsity lies within sparsity ± 2 * owl_range.
+        if isinstance(owl_range, bool) or not isinstance(owl_range, numbers.Real) or \
+                not (0 < owl_range and sparsity - 2 * owl_range >= 0 and sparsity + 2 * owl_range < 1):
+            raise ValueError(f"owl_range must be > 0 with sparsity - 2 * owl_range >= 0 and "
+                             f"sparsity + 2 * owl_range < 1, got {owl_range!r} for sparsity {sparsity}")
     batches = _calibration_batches(calibration, batch_size)
     target = pattern if pattern is not None else f"{sparsity:.0%} unstructured"
     report = OneShotReport(method, target, None, len(batches))
@@ -564,10 +589,16 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt", pattern: s
             if not layers:
                 raise ValueError(f"model has no eligible layer inside its blocks {block_name!r} "
                                  f"(skipped: {report.skipped})")
+            if owl:
+                sparsity = _owl_sparsities(
+                    _owl_block_ratios(block_list, block_name, layers, batches, owl_threshold,
+                                      model),
+                    sparsity, owl_range, report,
+                    {name: f"{block_name}.{name[len(block_name) + 1:].split('.')[0]}" for name in layers})
             if method == "magnitude" and not errors:  # nothing to gather: no model call
                 for name, layer in tqdm(layers.items(), desc="oneshot magnitude", disable=not progress):
-                    report.layers.append(_prune_layer(name, layer, None, method, n, m, sparsity,
-                                                      blocksize, damp))
+                    report.layers.append(_prune_layer(name, layer, None, method, n, m,
+                                                      _sparsity_of(sparsity, name), blocksize, damp))
             else:
                 _walk_blocks(model, block_list, block_name, layers, batches, report, method, n, m,
                              sparsity, blocksize, damp, full, tqdm, progress)
@@ -579,6 +610,9 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt", pattern: s
             if not layers:
                 raise ValueError("model has no eligible layer that runs on the calibration data "
                                  f"(skipped: {report.skipped})")
+            if owl:
+                sparsity = _owl_sparsities(_owl_layer_ratios(model, layers, batches, owl_threshold),
+                                           sparsity, owl_range, report, None)
             _walk_layers(model, order, layers, batches, report, method, n, m, sparsity,
                          blocksize, damp, full, tqdm, progress)
     finally:
@@ -589,6 +623,80 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt", pattern: s
         report.converted = sparsify(model, pattern, include=[r.name for r in report.layers])
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _sparsity_of(sparsity, name: str):
+    """The layer's sparsity: one for all, or (OWL) a dict by layer name; None for N:M."""
+    return sparsity[name] if isinstance(sparsity, dict) else sparsity
+
+
+def _outlier_ratio(units: list[tuple[nn.Module, _Stats]], threshold: float) -> float:
+    """The fraction of Wanda scores |W_ij|·‖X_j‖ over the layers of one unit (a block or a
+    layer) above `threshold` times their mean."""
+    scores = [(_weight_2d(layer).detach().float().abs() * st.input_norms()[None, :]).flatten()
+              for layer, st in units]
+    flat = torch.cat(scores)
+    return (flat > threshold * flat.mean()).float().mean().item() if flat.numel() else 0.0
+
+
+def _owl_block_ratios(block_list, block_name, layers, batches, threshold, model) -> dict[str, float]:
+    """Outlier ratio of each block holding eligible layers, from the unpruned model."""
+    captured = _capture_first_block(model, block_list, block_name, batches)
+    ratios: dict[str, float] = {}
+    for i, block in enumerate(block_list):
+        prefix = f"{block_name}.{i}."
+        mine = {name: layer for name, layer in layers.items() if name.startswith(prefix)}
+        stats: dict[str, _Stats] = {}
+        handles = _stats_hooks(mine, stats, False)
+        try:
+            outputs = []
+            for j, batch in enumerate(captured):
+                try:
+                    outputs.append(_first_tensor(_call(block, batch)))
+                except Exception as err:
+                    raise _user_error(err, f"{block_name}[{i}] on calibration batch {j}") from err
+                _release(stats)
+        finally:
+            for h in handles:
+                h.remove()
+        if stats:
+            ratios[f"{block_name}.{i}"] = _outlier_ratio(
+                [(mine[name], st) for name, st in stats.items()], threshold)
+        captured = [_with_hidden(batch, out) for batch, out in zip(captured, outputs)]
+    return ratios
+
+
+def _owl_layer_ratios(model, layers, batches, threshold) -> dict[str, float]:
+    """Outlier ratio of each eligible layer (no repeated blocks), from the unpruned model."""
+    stats: dict[str, _Stats] = {}
+    handles = _stats_hooks(layers, stats, False)
+    try:
+        for i, batch in enumerate(batches):
+            try:
+                _call(model, batch)
+            except Exception as err:
+                raise _user_error(err, f"calibration batch {i}") from err
+            _release(stats)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: _outlier_ratio([(layers[name], st)], threshold) for name, st in stats.items()}
+
+
+def _owl_sparsities(ratios: dict[str, float], sparsity: float, spread: float, report,
+                    unit_of: dict[str, str] | None) -> dict[str, float]:
+    """OWL: unit u keeps (1 - sparsity) + d_u - mean(d), d = 2 * spread * (ratio - min) /
+    (max - min): sparsities 2 * spread apart at most, their mean over units = sparsity.
+    Returns {layer name: sparsity} (units are blocks, via unit_of, or the layers)."""
+    values = torch.tensor(list(ratios.values()), dtype=torch.float64)
+    low, high = values.min(), values.max()
+    d = (values - low) / (high - low) * 2 * spread if high > low else torch.zeros_like(values)
+    unit_sparsity = {u: float(sparsity - (dv - d.mean())) for u, dv in zip(ratios, d)}
+    report.owl = {u: (ratios[u], unit_sparsity[u]) for u in ratios}
+    if unit_of is None:
+        return unit_sparsity
+    # Layers of a block with no statistics (they never ran) keep the target sparsity.
+    return {name: unit_sparsity.get(unit, sparsity) for name, unit in unit_of.items()}
 
 
 def _user_error(err: Exception, what: str) -> ValueError:
@@ -616,16 +724,16 @@ def _first_pass(model, layers, batch) -> list[str]:
     return order
 
 
-def _walk_blocks(model, block_list, block_name, layers, batches, report, method, n, m, sparsity,
-                 blocksize, damp, full, tqdm, progress):
-    first = block_list[0]
+def _capture_first_block(model, block_list, block_name, batches) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) the first block receives on each calibration batch (the model's
+    forward is cut off there)."""
     captured: list[tuple[tuple, dict]] = []
 
     def capture(module, args, kwargs):
         captured.append((args, kwargs))
         raise _Stop
 
-    handle = first.register_forward_pre_hook(capture, with_kwargs=True)
+    handle = block_list[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
         for i, batch in enumerate(batches):
             try:
@@ -639,6 +747,12 @@ def _walk_blocks(model, block_list, block_name, layers, batches, report, method,
     if len(captured) != len(batches):
         raise ValueError(f"calibration: {block_name}[0] ran on {len(captured)} of "
                          f"{len(batches)} batches")
+    return captured
+
+
+def _walk_blocks(model, block_list, block_name, layers, batches, report, method, n, m, sparsity,
+                 blocksize, damp, full, tqdm, progress):
+    captured = _capture_first_block(model, block_list, block_name, batches)
     bar = tqdm(range(len(block_list)), desc=f"oneshot {method}", disable=not progress)
     for i in bar:
         block = block_list[i]
@@ -673,7 +787,7 @@ def _walk_blocks(model, block_list, block_name, layers, batches, report, method,
                         h.remove()
                 for name, layer in members.items():
                     report.layers.append(_prune_layer(name, layer, stats[name], method, n, m,
-                                                      sparsity, blocksize, damp))
+                                                      _sparsity_of(sparsity, name), blocksize, damp))
                 del stats
             if mine:
                 bar.set_postfix(error=f"{sum(r.error for r in report.layers[-len(mine):]) / len(mine):.4f}")
@@ -736,5 +850,5 @@ def _walk_layers(model, order, layers, batches, report, method, n, m, sparsity, 
         finally:
             for h in handles:
                 h.remove()
-        report.layers.append(_prune_layer(name, layer, stats[name], method, n, m, sparsity,
-                                          blocksize, damp))
+        report.layers.append(_prune_layer(name, layer, stats[name], method, n, m,
+                                          _sparsity_of(sparsity, name), blocksize, damp))
