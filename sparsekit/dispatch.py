@@ -12,8 +12,8 @@ dtype, the device and the thread count, so the choice is made per **key**
              varied sequence lengths share one decision instead of measuring every length
 
 On the first call with a new key (mode "auto") the candidates are timed alternately on that
-call's own input (one warm-up each, then `REPEATS` rounds, more for calls of microseconds,
-best time each, under `torch.no_grad()`; the warm-up alone when a call is slow), the
+call's own input (one warm-up each, then `REPEATS` rounds, more for calls of microseconds
+and up to `CLOSE_ROUNDS` while the two best are within `CLOSE` of each other, best time each, under `torch.no_grad()`; the warm-up alone when a call is slow), the
 fastest is cached and every later call with the key pays one dictionary lookup. Measuring holds a lock, so threads that meet
 a new key together measure it once and the others wait for the decision. Only forward
 calls are timed; a training step uses the forward's decision.
@@ -67,7 +67,8 @@ from typing import Callable, Mapping, NamedTuple
 
 import torch
 
-__all__ = ["MODES", "REPEATS", "MAX_ROUNDS", "MIN_MEASURE_S", "Decision", "kernel_choice",
+__all__ = ["MODES", "REPEATS", "MAX_ROUNDS", "MIN_MEASURE_S", "CLOSE", "CLOSE_ROUNDS",
+           "CLOSE_BUDGET_S", "more_rounds", "Decision", "kernel_choice",
            "get_kernel_choice", "make_key", "batch_bucket", "run", "measure", "ModuleChoice",
            "decisions", "clear", "save", "load", "set_cache_file", "scratch", "release_scratch",
            "explain_module", "ENV_FILE"]
@@ -77,6 +78,9 @@ REPEATS = 3          # timed rounds per candidate on a key's first call (at leas
 MAX_ROUNDS = 20      # at most, for calls so short that REPEATS rounds take < MIN_MEASURE_S
 MIN_MEASURE_S = 2e-3
 SLOW_CALL_S = 0.25   # a warm-up slower than this: one round only (measuring stays cheap)
+CLOSE = 0.10         # the two best within 10% of each other after REPEATS rounds: more rounds,
+CLOSE_ROUNDS = 8     # up to this many in all, while under CLOSE_BUDGET_S, so that noise on a
+CLOSE_BUDGET_S = 0.25  # busy machine is less likely to pick the slower of two close kernels
 ENV_FILE = "SPARSEKIT_KERNEL_CHOICE_FILE"
 DEFAULT = "sparse"   # where nothing is measured: tracing without a decision, meta, empty
 
@@ -172,14 +176,25 @@ def measure(candidates: Mapping[str, Callable], args: tuple, device: torch.devic
         if sum(warm.values()) > SLOW_CALL_S:  # slow calls: the warm-up is the measurement
             return warm
         best, spent, rounds = dict.fromkeys(candidates, math.inf), 0.0, 0
-        # REPEATS rounds; tiny layers (microseconds a call) go on to MAX_ROUNDS or until
-        # MIN_MEASURE_S is spent, so one scheduler hiccup does not decide for them.
-        while rounds < REPEATS or (rounds < MAX_ROUNDS and spent < MIN_MEASURE_S):
+        while more_rounds(best, rounds, spent):
             for name, fn in candidates.items():
                 elapsed = timed(fn)
                 best[name], spent = min(best[name], elapsed), spent + elapsed
             rounds += 1
     return best
+
+
+def more_rounds(best: Mapping[str, float], rounds: int, spent: float) -> bool:
+    """Whether `measure` times another round, given each candidate's best time so far, the
+    rounds done and the seconds spent: REPEATS rounds; tiny layers (microseconds a call) go
+    on to MAX_ROUNDS or until MIN_MEASURE_S is spent, so one scheduler hiccup does not decide
+    for them; and while the two best are within CLOSE of each other, up to CLOSE_ROUNDS
+    rounds within CLOSE_BUDGET_S."""
+    if rounds < REPEATS or (rounds < MAX_ROUNDS and spent < MIN_MEASURE_S):
+        return True
+    times = sorted(best.values())
+    close = len(times) >= 2 and times[1] <= times[0] * (1 + CLOSE)
+    return close and rounds < CLOSE_ROUNDS and spent < CLOSE_BUDGET_S
 
 
 def _decide(key: tuple, candidates: Mapping[str, Callable], args: tuple) -> Decision:

@@ -447,3 +447,19 @@ def test_compile_with_dynamic_shapes_keys_each_bucket():
         for rows in (3, 5, 9):
             x = torch.randn(rows, 64)
             assert rel_err(compiled(x), model(x)) < 1e-5
+
+
+def test_more_rounds_while_close_within_budget():
+    more = dispatch.more_rounds
+    far = {"sparse": 1.0e-3, "dense": 2.0e-3}
+    close = {"sparse": 1.0e-3, "dense": 1.05e-3}
+    # REPEATS rounds always; tiny calls continue until MIN_MEASURE_S.
+    assert more(far, 0, 0.0) and more(far, dispatch.REPEATS - 1, 1.0)
+    assert more(far, dispatch.REPEATS, dispatch.MIN_MEASURE_S / 2)
+    assert not more(far, dispatch.MAX_ROUNDS, 0.0)
+    assert not more(far, dispatch.REPEATS, 0.1)
+    # Close candidates: more rounds, up to CLOSE_ROUNDS and within CLOSE_BUDGET_S.
+    assert more(close, dispatch.REPEATS, 0.1)
+    assert not more(close, dispatch.CLOSE_ROUNDS, 0.1)
+    assert not more(close, dispatch.REPEATS, dispatch.CLOSE_BUDGET_S)
+    assert not more({"sparse": 1.0e-3}, dispatch.REPEATS, 0.1)  # one candidate: nothing to split
