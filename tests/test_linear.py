@@ -240,3 +240,14 @@ def test_bf16_2_4_every_row_and_batch_remainder(isa, rows, batch, k):
     y = ops.nm_linear(x_inf, t.values, t.metadata, bias, k, 2, 4)
     assert torch.isfinite(y).all()
     assert rel_err(y, ref) < TOL[torch.bfloat16]
+
+
+def test_isa_fixture_forces_the_variant(isa):
+    # The fixture forces `isa` for this test; the next test checks what it restores.
+    assert sk.build_info()["cpu_isa_active"] == isa
+
+
+def test_best_variant_active_after_forced_tests():
+    best = next(i for i in ("avx512bf16", "avx512", "avx2", "scalar")
+                if i in sk.build_info()["cpu_isa_available"] + ["scalar"])
+    assert sk.build_info()["cpu_isa_active"] == best
