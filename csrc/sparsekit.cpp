@@ -135,7 +135,8 @@ py::dict build_info() {
   info["cpu_isa_compiled"] = sparsekit::spmm_compiled_isas();
   info["cpu_isa_active"] = sparsekit::spmm_active_isa();
   info["cpu_isa_available"] = cpu_isa_available();
-  // The bitmask (unstructured) kernels: "avx512" (needs VBMI2) or "scalar" (portable).
+  // The bitmask (unstructured) kernels: "avx512bf16", "avx512" (both need VBMI2) or
+  // "scalar" (portable).
   info["cpu_bitmask_isa_active"] = sparsekit::bitmask_active_isa();
   info["compiler"] = __VERSION__;
   return info;
@@ -153,10 +154,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "set_cpu_isa",
       [](const std::string& isa) {
         if (!sparsekit::spmm_set_isa(isa)) return false;
-        // The bitmask kernels follow (their AVX-512 needs VBMI2; "avx2" is portable there).
-        // avx512bf16 is the AVX-512 set plus a bf16 N:M forward: AVX-512 bitmask kernels.
-        const std::string bitmask_isa = isa == "avx512bf16" ? "avx512" : isa;
-        if (!sparsekit::bitmask_set_isa(bitmask_isa)) sparsekit::bitmask_set_isa("scalar");
+        // The bitmask kernels follow, to the best variant they have at or below `isa`
+        // (theirs need VBMI2 beside AVX-512; "avx2" is portable there).
+        if (!sparsekit::bitmask_set_isa(isa) &&
+            !(isa == "avx512bf16" && sparsekit::bitmask_set_isa("avx512"))) {
+          sparsekit::bitmask_set_isa("scalar");
+        }
         return true;
       },
       "Forces the CPU product kernels to one ISA ('avx512bf16', 'avx512', 'avx2', 'scalar'); returns "

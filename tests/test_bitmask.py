@@ -17,7 +17,7 @@ from sparsekit.bitmask import BitmaskTensor, compress_bitmask
 
 from cpu_isa import rel_err, run_on_isa  # noqa: E402
 
-ISAS = [isa for isa in ("avx512", "scalar") if isa in sk.build_info().get("cpu_isa_compiled", [])]
+ISAS = [isa for isa in ("avx512bf16", "avx512", "scalar") if isa in sk.build_info().get("cpu_isa_compiled", [])]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
@@ -88,6 +88,34 @@ def test_long_rows(isa, dtype, batch):
     y = ops.bitmask_linear(x, t.values, t.mask, t.offsets, bias, 4099)
     ref = reference.bitmask_linear(x.double(), t.values.double(), t.mask, t.offsets, bias.double(), 4099)
     assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.02, 0.3, 0.44, 0.46, 0.7])
+@pytest.mark.parametrize("k", [1, 15, 17, 63, 64, 65, 100, 129, 200])
+def test_small_batch_kernels_every_block_remainder(isa, dtype, density, k):
+    """The row-major kernels (batch 1-8): 64-column blocks up to 45% kept (with one, two
+    and more passes per block, and a fully dense row), 16-column chunks above, K ending
+    inside a block and a chunk. The block kernels gather x at kept columns only, so inf in
+    pruned columns of x must not reach y there (the chunk kernels and the dense path
+    multiply every column, and give NaN as F.linear on the dense weight does)."""
+    torch.manual_seed(k)
+    rows = 11
+    w = sparse_weight(rows, k, 1 - density, dtype)
+    w[:, ::64] = 0  # the column a block's unused lanes point at: inf in x below
+    t = compress_bitmask(w)
+    dense = ops.bitmask_decompress(t.values, t.mask, t.offsets, k)
+    pruned_column = (dense == 0).all(0)
+    for batch in range(1, 9):
+        x = torch.randn(batch, k, dtype=torch.float64)
+        if density < 0.45:
+            x[:, pruned_column] = float("inf")
+        x = x.to(dtype)
+        y = ops.bitmask_linear(x, t.values, t.mask, t.offsets, None, k)
+        xr = x.double().masked_fill(pruned_column, 0.0)
+        ref = reference.bitmask_linear(xr, t.values.double(), t.mask, t.offsets, None, k)
+        assert torch.isfinite(y).all()
+        assert rel_err(y, ref) < TOL[dtype]
 
 
 def test_non_contiguous_inputs(isa):
@@ -210,7 +238,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 
 def test_build_info_names_bitmask_isa():
-    assert sk.build_info()["cpu_bitmask_isa_active"] in ("avx512", "scalar")
+    assert sk.build_info()["cpu_bitmask_isa_active"] in ("avx512bf16", "avx512", "scalar")
 
 
 # -- bad input ----------------------------------------------------------------------------

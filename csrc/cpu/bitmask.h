@@ -37,8 +37,10 @@ inline int bitmask_popcount64(uint64_t x) {
 }
 
 // Bits set in mask_row[0, chunks), four words at a time; `popcount` counts a uint64.
+// Always inlined, so that an ISA file's popcount instruction is inlined too (a header
+// function compiled for the baseline target would call it out of line per word).
 template <typename Popcount>
-inline int64_t bitmask_row_bits(const uint16_t* mask_row, int64_t chunks, Popcount popcount) {
+__attribute__((always_inline)) inline int64_t bitmask_row_bits(const uint16_t* mask_row, int64_t chunks, Popcount popcount) {
   int64_t total = 0, c = 0;
   for (; c + 4 <= chunks; c += 4) {
     uint64_t w;
@@ -52,7 +54,7 @@ inline int64_t bitmask_row_bits(const uint16_t* mask_row, int64_t chunks, Popcou
 // True when row `mask_row` holds exactly `count` bits and none past k: the invariant that
 // keeps every kernel's reads of values inside the row's range.
 template <typename Popcount>
-inline bool bitmask_row_ok(const uint16_t* mask_row, int64_t chunks, uint16_t tail, int64_t count,
+__attribute__((always_inline)) inline bool bitmask_row_ok(const uint16_t* mask_row, int64_t chunks, uint16_t tail, int64_t count,
                            Popcount popcount) {
   return bitmask_row_bits(mask_row, chunks, popcount) == count &&
          (chunks == 0 || (mask_row[chunks - 1] & ~tail) == 0);
@@ -65,10 +67,12 @@ struct BitmaskArgs {
   const int64_t* offsets;   // [rows + 1], validated against mask before any kernel runs
   int64_t rows;
   int64_t chunks;
-  // Row-major small-batch forward: x [batch, ldx] fp32, ldx >= chunks * 16, zero past k;
+  // Row-major small-batch forward: x [batch, ldx] fp32 (or x16, bf16, for kernels whose
+  // bf16_x is set and bf16 values), ldx >= bitmask_padded_k(chunks), zero past k;
   // y [batch, ldy] fp32.
   int64_t batch;
   const float* x;
+  const uint16_t* x16;
   int64_t ldx;
   float* y;
   int64_t ldy;
@@ -83,7 +87,31 @@ struct BitmaskArgs {
   bool first;
 };
 
-constexpr int kBitmaskSmallBatch = 8;  // rows of x the row-major forward handles per pass
+constexpr int kBitmaskSmallBatch = 8;
+
+// Columns the row-major forward reads per step (four mask words), and the padded length of
+// a row of x it reads.
+constexpr int64_t kBlock = 64;
+inline int64_t bitmask_padded_k(int64_t chunks) { return (chunks + 3) / 4 * kBlock; }
+
+// The 64 mask bits of the block starting at word c of a row of `chunks` words (zero past
+// them).
+inline uint64_t bitmask_block_bits(const uint16_t* mask_row, int64_t c, int64_t chunks) {
+  if (c + 4 <= chunks) {
+    uint64_t w;
+    __builtin_memcpy(&w, mask_row + c, sizeof(w));
+    return w;
+  }
+  uint64_t w = 0;
+  for (int64_t i = c; i < chunks; ++i) w |= static_cast<uint64_t>(mask_row[i]) << (16 * (i - c));
+  return w;
+}
+
+// Byte i holds i: a byte compress of it under a block's bits lists the block's kept columns.
+alignas(64) inline constexpr uint8_t kByteIota[64] = {
+    0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+    22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43,
+    44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63};  // rows of x the row-major forward handles per pass
 
 // Kernels over rows [r0, r1). `scratch` holds bitmask_scratch_floats(chunks) floats.
 using BitmaskKernel = void (*)(const BitmaskArgs&, int64_t r0, int64_t r1, float* scratch);
@@ -97,6 +125,7 @@ struct BitmaskKernels {
   const char* isa;
   BitmaskCheck first_bad_row;
   BitmaskKernel forward_small;  // row-major x, 1..kBitmaskSmallBatch rows
+  bool bf16_x;                  // forward_small reads bf16 x (x16) when the values are bf16
   BitmaskKernel forward;        // xT -> yT
   BitmaskKernel grad_input;     // gyT -> gxT (+=)
   BitmaskKernel sddmm;          // gyT, xT -> gv
@@ -104,5 +133,6 @@ struct BitmaskKernels {
 
 const BitmaskKernels& bitmask_kernels_scalar();
 const BitmaskKernels& bitmask_kernels_avx512();
+const BitmaskKernels& bitmask_kernels_avx512bf16();
 
 }  // namespace sparsekit

@@ -33,13 +33,23 @@ bool avx512_supported() {
 #endif
 }
 
+bool avx512bf16_supported() {
+#if defined(__x86_64__)
+  return avx512_supported() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 std::atomic<const BitmaskKernels*> g_bitmask{nullptr};
 
 const BitmaskKernels& kernels() {
   const BitmaskKernels* k = g_bitmask.load();
   if (k == nullptr) {
 #if defined(__x86_64__)
-    k = avx512_supported() ? &bitmask_kernels_avx512() : &bitmask_kernels_scalar();
+    k = avx512bf16_supported() ? &bitmask_kernels_avx512bf16()
+        : avx512_supported()   ? &bitmask_kernels_avx512()
+                               : &bitmask_kernels_scalar();
 #else
     k = &bitmask_kernels_scalar();
 #endif
@@ -289,16 +299,25 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
   if (batch == 0 || L.rows == 0) {
     // nothing to stream (still validated above)
   } else if (batch <= kBitmaskSmallBatch) {
+    // x row-major, padded with zeros to whole 64-column blocks, as the kernel reads it: bf16
+    // for kernels with bf16 dot products and bf16 values, else fp32.
+    const bool x16 = kern.bf16_x && a.bf16;
+    const at::ScalarType xt = x16 ? at::kBFloat16 : at::kFloat;
+    const int64_t kpad = bitmask_padded_k(L.chunks);
     at::Tensor xp;
-    if (x2.scalar_type() == at::kFloat && kp == k && x2.is_contiguous()) {
+    if (x2.scalar_type() == xt && kpad == k && x2.is_contiguous()) {
       xp = x2;
     } else {
-      xp = at::zeros({batch, kp}, x2.options().dtype(at::kFloat));
+      xp = at::zeros({batch, kpad}, x2.options().dtype(xt));
       xp.narrow(1, 0, k).copy_(x2);
     }
     a.batch = batch;
-    a.x = xp.const_data_ptr<float>();
-    a.ldx = kp;
+    if (x16) {
+      a.x16 = reinterpret_cast<const uint16_t*>(xp.const_data_ptr<at::BFloat16>());
+    } else {
+      a.x = xp.const_data_ptr<float>();
+    }
+    a.ldx = kpad;
     a.y = y.data_ptr<float>();
     a.ldy = L.rows;
     run_rows(L, a, kern.forward_small, false);
@@ -408,11 +427,20 @@ at::Tensor bitmask_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, co
 
 }  // namespace
 
-// The ISA of the bitmask kernels ("avx512" or "scalar", the portable ones), and a way to
+// The ISA of the bitmask kernels ("avx512bf16", "avx512" or "scalar", the portable ones), and a way to
 // force one: sparsekit.cpp's set_cpu_isa calls this beside the N:M kernels' own.
 std::string bitmask_active_isa() { return kernels().isa; }
 
 bool bitmask_set_isa(const std::string& isa) {
+  if (isa == "avx512bf16") {
+#if defined(__x86_64__)
+    if (!avx512bf16_supported()) return false;
+    g_bitmask.store(&bitmask_kernels_avx512bf16());
+    return true;
+#else
+    return false;
+#endif
+  }
   if (isa == "avx512") {
 #if defined(__x86_64__)
     if (!avx512_supported()) return false;

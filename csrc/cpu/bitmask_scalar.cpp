@@ -87,7 +87,7 @@ void sddmm(const BitmaskArgs& a, int64_t r0, int64_t r1, float*) {
 }  // namespace bitmask_scalar
 
 const BitmaskKernels& bitmask_kernels_scalar() {
-  static const BitmaskKernels k{"scalar", bitmask_scalar::first_bad_row, bitmask_scalar::forward_small, bitmask_scalar::forward,
+  static const BitmaskKernels k{"scalar", bitmask_scalar::first_bad_row, bitmask_scalar::forward_small, false, bitmask_scalar::forward,
                                 bitmask_scalar::grad_input, bitmask_scalar::sddmm};
   return k;
 }
