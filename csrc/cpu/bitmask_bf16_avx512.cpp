@@ -30,6 +30,8 @@ void forward_t(const BitmaskArgs& a, int64_t r0, int64_t r1) {
     __m512 acc[B];
     for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
     for (int64_t c = 0; c < C; c += 4) {
+      _mm_prefetch(reinterpret_cast<const char*>(v + 512), _MM_HINT_T0);  // 1 KB ahead
+      _mm_prefetch(reinterpret_cast<const char*>(mk + c + 256), _MM_HINT_T0);
       const uint64_t bits = bitmask_block_bits(mk, c, C);
       const unsigned n = static_cast<unsigned>(_mm_popcnt_u64(bits));
       __m512i cols = _mm512_maskz_compress_epi8(bits, iota);
