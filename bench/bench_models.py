@@ -8,7 +8,8 @@ from memory as deployed models do, so no weight copies are needed.
 - a decoder of SmolLM2-135M's dimensions (transformers' LlamaForCausalLM, random init,
   tied embeddings; 2:4 on every Linear but lm_head), fp32 and bf16: greedy decode of 32
   tokens at batch 1 with a KV cache after an 8-token prompt (tokens/s, the prompt's
-  prefill inside the time), and a prefill of 512 tokens.
+  prefill inside the time), and a prefill of 512 tokens; and the same decode with every
+  Linear but lm_head 70% unstructured (magnitude) in the bitmask format.
 
 The dense twin is the sparsified model turned back by `sk.densify`, so both hold exactly
 the same weights (the kept values, zeros elsewhere). Only public API runs (sparsify, the
@@ -34,10 +35,19 @@ LLM_REPEATS = 3
 NEW_TOKENS, PROMPT_TOKENS, PREFILL_TOKENS = 32, 8, 512
 
 
-def _twins(model, exclude=None):
-    """(dense, sparse, sparsify report): `model` sparsified 2:4, and that model densified."""
+def _twins(model, exclude=None, unstructured=None):
+    """(dense, sparse, sparsify report): `model` sparsified 2:4 (or, with `unstructured` =
+    a sparsity, every Linear but `exclude` magnitude-pruned to it and kept in the bitmask
+    format), and that model densified."""
     sparse = copy.deepcopy(model).eval()
-    report = sk.sparsify(sparse, "2:4", exclude=exclude)
+    if unstructured is None:
+        report = sk.sparsify(sparse, "2:4", exclude=exclude)
+    else:
+        with torch.no_grad():
+            for name, mod in sparse.named_modules():
+                if isinstance(mod, torch.nn.Linear) and name != exclude:
+                    mod.weight.mul_(sk.masks.magnitude(mod.weight, unstructured))
+        report = sk.sparsify(sparse, pattern="unstructured", exclude=exclude)
     dense = sk.densify(copy.deepcopy(sparse)).eval()
     return dense, sparse, report
 
@@ -130,18 +140,18 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     bos_token_id=1, eos_token_id=2)
 
 
-@functools.lru_cache(maxsize=1)
-def _decoder_twins():
+@functools.lru_cache(maxsize=2)
+def _decoder_twins(unstructured=None):
     transformers = pytest.importorskip("transformers", reason="transformers not installed")
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_135M)).eval()
-    return _twins(model, exclude="lm_head")
+    return _twins(model, exclude="lm_head", unstructured=unstructured)
 
 
-def _decoder(dtype):
+def _decoder(dtype, unstructured=None):
     """The decoder pair in `dtype`: built once in fp32, then cast in place (both sides, so
     the bf16 pair also holds the same weights; LLM_CASES run fp32 first)."""
-    dense, sparse, report = _decoder_twins()
+    dense, sparse, report = _decoder_twins(unstructured)
     return dense.to(getattr(torch, dtype)), sparse.to(getattr(torch, dtype)), report
 
 
@@ -188,3 +198,20 @@ def test_smollm2_size_decoder(benchmark, dtype, mode):
     _measure(benchmark, what=what, group=f"SmolLM2-size {mode} {dtype}", run=run, dense=dense,
              sparse=sparse, report=report, dtype=dtype, batch=1, target=target,
              repeats=LLM_REPEATS, tokens=tokens)
+
+
+UNSTRUCTURED_SPARSITY = 0.7
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_smollm2_size_decoder_unstructured(benchmark, dtype):
+    """Decode with every Linear but lm_head 70% unstructured (magnitude), in the bitmask
+    format: the unstructured kernels inside a real generation loop."""
+    dense, sparse, report = _decoder(dtype, UNSTRUCTURED_SPARSITY)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, SMOLLM2_135M["vocab_size"], (1, PROMPT_TOKENS), generator=gen)
+    what = (f"SmolLM2-135M-size decoder, {UNSTRUCTURED_SPARSITY:.0%} unstructured, decode "
+            f"{NEW_TOKENS} tokens, batch 1 ({PROMPT_TOKENS}-token prompt)")
+    _measure(benchmark, what=what, group=f"SmolLM2-size unstructured decode {dtype}",
+             run=_decode(prompt, NEW_TOKENS), dense=dense, sparse=sparse, report=report,
+             dtype=dtype, batch=1, target=None, repeats=LLM_REPEATS, tokens=NEW_TOKENS)

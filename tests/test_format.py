@@ -259,6 +259,40 @@ def test_corrupt_metadata_is_detected(decompress):
         decompress(values5, metadata5, 5, 2, 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("rows,k", [(3, 8), (37, 136), (5, 1024), (129, 520)])
+def test_2_4_decompress_every_run_remainder(dtype, rows, k):
+    # 2:4 with K % 8 == 0 decompresses one flat run of metadata bytes (AVX-512: 64 bytes per
+    # step after a head up to a multiple of 64, then a tail; each thread's run starts
+    # anywhere). Every part must equal the reference, and a corrupt group in any part must
+    # be reported as the first bad one.
+    w = random_nm(rows, k, 2, 4).to(dtype)
+    values, metadata = sk.ops.nm_compress(w, 2, 4)
+    assert torch.equal(sk.ops.nm_decompress(values, metadata, k, 2, 4), w)
+    out = torch.full((rows * k + 1,), 7.0, dtype=dtype)[1:].view(rows, k)  # not 64-byte aligned
+    sk.ops.nm_decompress_into(values, metadata, k, 2, 4, out)
+    assert torch.equal(out, w)
+    flat = metadata.view(-1)
+    for byte in sorted({0, flat.numel() // 2, flat.numel() - 1}):
+        bad = flat.clone()
+        bad[byte] = (bad[byte] & 0xF0) | 0x5  # low group keeps (1, 1)
+        row, group = divmod(2 * byte, k // 4)
+        with pytest.raises(ValueError, match=f"row {row}, group {group}"):
+            sk.ops.nm_decompress(values, bad.view_as(metadata), k, 2, 4)
+        bad[byte] = (flat[byte] & 0x0F) | 0xB0  # high group keeps (3, 2)
+        row, group = divmod(2 * byte + 1, k // 4)
+        with pytest.raises(ValueError, match=f"row {row}, group {group}"):
+            sk.ops.nm_decompress(values, bad.view_as(metadata), k, 2, 4)
+
+
+def test_2_4_decompress_past_the_cache():
+    # An output of at least the last-level cache's size (32 MiB here) is written with
+    # non-temporal stores.
+    w = random_nm(4096, 4096, 2, 4).to(torch.bfloat16)
+    values, metadata = sk.ops.nm_compress(w, 2, 4)
+    assert torch.equal(sk.ops.nm_decompress(values, metadata, 4096, 2, 4), w)
+
+
 def test_nmtensor_constructor_checks_shapes():
     t = sk.compress(random_nm(4, 16, 2, 4), 2, 4)
     with pytest.raises(ValueError, match="values must have shape"):

@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdio>
+#include <type_traits>
 #include <limits>
 
 #include "../checks.h"
@@ -254,6 +256,103 @@ __attribute__((target("ssse3"))) int64_t compress_2_4_flat_16(const uint16_t* __
   return -1;
 }
 
+// AVX-512 (F/BW/VL + VBMI2) 2:4 decompress of a flat run of metadata bytes [b0, b1), for
+// 2-byte (W = 2) or 4-byte (W = 4) entries. 64 metadata bytes at a time: two nibble
+// lookups turn every group's nibble into its 4-bit kept mask (0 when not canonical), and
+// one expand per output vector places the packed values between zeros (a 16-bit expand
+// per 32 bf16/fp16 entries, a 32-bit one per 16 fp32). `stream` writes with non-temporal
+// stores, for outputs larger than the last-level cache: no read of the destination's
+// lines before they are written. Returns -1, or the first bad flat group.
+alignas(16) constexpr uint8_t kKeptNibble[16] = {  // nibble (i1 << 2 | i0) -> kept mask
+    0, 0, 0, 0, 0x3, 0, 0, 0, 0x5, 0x6, 0, 0, 0x9, 0xA, 0xC, 0};
+
+template <int W>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,bmi2"))) int64_t
+decompress_2_4_flat_avx512(const void* vals_in, const uint8_t* __restrict__ meta, void* dst_in,
+                           int64_t b0, int64_t b1, bool stream) {
+  using Bits = std::conditional_t<W == 2, uint16_t, uint32_t>;
+  const Bits* vals = static_cast<const Bits*>(vals_in);
+  Bits* dst = static_cast<Bits*>(dst_in);
+  const __m512i lut = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kKeptNibble)));
+  const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8(static_cast<char>(0xF0));
+  int64_t b = b0;
+  // Whole 64-byte steps from a multiple of 64, so that each step's output (8 * W * 64
+  // bytes) starts 64-byte aligned when dst does.
+  const int64_t head = std::min(b1, (b0 + 63) / 64 * 64);
+  if (head > b) {
+    const int64_t g = decompress_2_4_flat(vals, meta, dst, b, head);
+    if (g >= 0) return g;
+    b = head;
+  }
+  stream = stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
+  alignas(64) uint8_t kept[64];
+  for (; b + 64 <= b1; b += 64) {
+    const __m512i m = _mm512_loadu_si512(meta + b);
+    const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(m, low));
+    const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(m, 4), low));
+    const __m512i k = _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));
+    if ((_mm512_test_epi8_mask(k, low) & _mm512_test_epi8_mask(k, high)) != ~0ull) {
+      return decompress_2_4_flat(vals, meta, dst, b, b1);  // locates the bad group
+    }
+    _mm512_store_si512(kept, k);
+    const Bits* v = vals + 4 * b;
+    Bits* out = dst + 8 * b;
+    constexpr int kPer = 64 / W;  // outputs per vector, from kPer / 2 values
+#pragma GCC unroll 4
+    for (int i = 0; i < 8 * 64 / kPer; ++i) {
+      const __m512i packed = _mm512_castsi256_si512(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i * kPer / 2)));
+      __m512i e;
+      if constexpr (W == 2) {
+        uint32_t bits;
+        __builtin_memcpy(&bits, kept + 4 * i, sizeof(bits));
+        e = _mm512_maskz_expand_epi16(bits, packed);
+      } else {
+        uint16_t bits;
+        __builtin_memcpy(&bits, kept + 2 * i, sizeof(bits));
+        e = _mm512_maskz_expand_epi32(bits, packed);
+      }
+      if (stream) {
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(out + i * kPer), e);
+      } else {
+        _mm512_storeu_si512(out + i * kPer, e);
+      }
+    }
+  }
+  if (stream) _mm_sfence();
+  return b < b1 ? decompress_2_4_flat(vals, meta, dst, b, b1) : -1;
+}
+
+bool cpu_has_avx512_vbmi2() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
+           __builtin_cpu_supports("bmi2");
+  }();
+  return has;
+}
+
+// Outputs of at least this many bytes are written with non-temporal stores: the size of
+// the last-level cache (they could not stay in it anyway), as Linux reports it for this
+// machine's CPU 0 (sysconf's figure can be the host's whole L3 in a virtual machine), else
+// 32 MiB. 11008x4096 bf16 on Zen 4: 3.8 -> 3.4 ms.
+int64_t stream_bytes() {
+  static const int64_t bytes = [] {
+    int64_t size = int64_t{32} << 20;
+    if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+      long kb = 0;
+      char unit = 0;
+      if (std::fscanf(f, "%ld%c", &kb, &unit) >= 1 && kb > 0) {
+        size = static_cast<int64_t>(kb) << (unit == 'M' ? 20 : 10);
+      }
+      std::fclose(f);
+    }
+    return size;
+  }();
+  return bytes;
+}
+
 bool cpu_has_ssse3() {
   static const bool has = [] {
     __builtin_cpu_init();
@@ -335,10 +434,15 @@ void decompress_into(const at::Tensor& values_in, const at::Tensor& metadata_in,
     const uint8_t* meta = metadata.const_data_ptr<uint8_t>();
     Bits* dst = static_cast<Bits*>(dense.data_ptr());
     if (n == 2 && m == 4 && L.k % 8 == 0) {
+#ifdef SPARSEKIT_X86
+      const bool stream = dense.nbytes() >= static_cast<size_t>(stream_bytes());
+#endif
       at::parallel_for(0, rows * L.k / 8, grain_for(2, m), [&](int64_t begin, int64_t end) {
         int64_t g;
 #ifdef SPARSEKIT_X86
-        if (std::is_same_v<Bits, uint16_t> && cpu_has_ssse3()) {
+        if (sizeof(Bits) <= 4 && cpu_has_avx512_vbmi2()) {
+          g = decompress_2_4_flat_avx512<sizeof(Bits) == 2 ? 2 : 4>(vals, meta, dst, begin, end, stream);
+        } else if (std::is_same_v<Bits, uint16_t> && cpu_has_ssse3()) {
           g = decompress_2_4_flat_16(reinterpret_cast<const uint16_t*>(vals), meta,
                                      reinterpret_cast<uint16_t*>(dst), begin, end);
         } else
