@@ -68,7 +68,8 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 
 __all__ = ["MODES", "REPEATS", "MAX_ROUNDS", "MIN_MEASURE_S", "CLOSE", "CLOSE_ROUNDS",
-           "CLOSE_BUDGET_S", "more_rounds", "Decision", "kernel_choice",
+           "CLOSE_BUDGET_S", "IN_PLACE_ROUNDS", "IN_PLACE_MARGIN", "timed_call", "more_rounds",
+           "Decision", "kernel_choice",
            "get_kernel_choice", "make_key", "batch_bucket", "run", "measure", "ModuleChoice",
            "decisions", "clear", "save", "load", "set_cache_file", "scratch", "release_scratch",
            "explain_module", "ENV_FILE"]
@@ -81,6 +82,8 @@ SLOW_CALL_S = 0.25   # a warm-up slower than this: one round only (measuring sta
 CLOSE = 0.10         # the two best within 10% of each other after REPEATS rounds: more rounds,
 CLOSE_ROUNDS = 8     # up to this many in all, while under CLOSE_BUDGET_S, so that noise on a
 CLOSE_BUDGET_S = 0.25  # busy machine is less likely to pick the slower of two close kernels
+IN_PLACE_ROUNDS = 3  # real calls timed per candidate to confirm a close decision in place
+IN_PLACE_MARGIN = 0.25  # ... when the isolated times of the two best are this close
 ENV_FILE = "SPARSEKIT_KERNEL_CHOICE_FILE"
 DEFAULT = "sparse"   # where nothing is measured: tracing without a decision, meta, empty
 
@@ -97,6 +100,7 @@ class Decision(NamedTuple):
 
 _LOCK = threading.RLock()
 _CACHE: dict = {}
+_IN_PLACE: dict = {}  # key -> {candidate: [seconds of real calls]} while being confirmed
 _global_mode = "auto"
 _cache_file: str | None = None
 _env_loaded = False
@@ -215,6 +219,10 @@ def _decide(key: tuple, candidates: Mapping[str, Callable], args: tuple) -> Deci
         choice = min(times, key=times.get)
         decision = Decision(choice, {k: float(v) for k, v in times.items()}, "measured")
         _CACHE[key] = decision
+        ranked = sorted(times, key=times.get)
+        if (IN_PLACE_ROUNDS > 0 and device.type == "cpu" and len(ranked) >= 2
+                and times[ranked[1]] <= times[ranked[0]] * (1 + IN_PLACE_MARGIN)):
+            _IN_PLACE[key] = {ranked[0]: [], ranked[1]: []}
         if _cache_file is not None:
             save(_cache_file)
         return decision
@@ -240,10 +248,49 @@ def run(owner, key: tuple, candidates: Mapping[str, Callable], args: tuple):
     object.__setattr__(owner, "_kernel_last_key", key)  # for explain(module); not a Module attr
     if mode == "auto":
         decision = _CACHE.get(key)
-        if decision is None:
+        if decision is None:  # this call measures (its own run is not timed in place)
             decision = _decide(key, candidates, args)
+        elif key in _IN_PLACE and not torch.is_grad_enabled():
+            return _run_in_place(key, candidates, args)
         mode = decision.choice
     return candidates[mode](*args)
+
+
+def timed_call(name: str, fn: Callable, args: tuple):
+    """(fn(*args), seconds it took): one real call of candidate `name`, timed in place.
+    Tests replace this function to make in-place confirmation deterministic."""
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def _run_in_place(key: tuple, candidates: Mapping[str, Callable], args: tuple):
+    """One real call of a key whose isolated timings were close: runs the less-timed of the
+    two best candidates, times it, and once each has IN_PLACE_ROUNDS times, decides by
+    their best. Timed in place, inside the model, each candidate meets the caches as the
+    surrounding layers leave them (on their own, both find their weight in cache)."""
+    with _LOCK:
+        pending = _IN_PLACE.get(key)
+        if pending is None:  # decided by another thread meanwhile
+            return candidates[_CACHE[key].choice](*args)
+        name = min(pending, key=lambda n: len(pending[n]))
+    out, elapsed = timed_call(name, candidates[name], args)
+    with _LOCK:
+        pending = _IN_PLACE.get(key)
+        if pending is None:
+            return out
+        pending[name].append(elapsed)
+        if all(len(t) >= IN_PLACE_ROUNDS for t in pending.values()):
+            del _IN_PLACE[key]
+            best = {n: min(t) for n, t in pending.items()}
+            isolated = _CACHE[key]
+            times = dict(isolated.times or {})
+            times.update(best)
+            choice = min(best, key=best.get)
+            _CACHE[key] = Decision(choice, times, f"confirmed in place (isolated: {isolated.choice})")
+            if _cache_file is not None:
+                save(_cache_file)
+    return out
 
 
 class ModuleChoice:
@@ -274,6 +321,7 @@ def clear() -> None:
     """Forgets every decision (the next call of each key measures again)."""
     with _LOCK:
         _CACHE.clear()
+        _IN_PLACE.clear()
 
 
 def _machine() -> dict:
@@ -340,8 +388,9 @@ def load(path: str | os.PathLike) -> int:
         return 0
     with _LOCK:
         for entry in data["entries"]:
-            _CACHE[_decode(entry["key"])] = Decision(entry["choice"], entry["times"],
-                                                     f"loaded from {path}")
+            key = _decode(entry["key"])
+            _CACHE[key] = Decision(entry["choice"], entry["times"], f"loaded from {path}")
+            _IN_PLACE.pop(key, None)
     return len(data["entries"])
 
 
@@ -433,5 +482,11 @@ def explain_module(module, x: torch.Tensor | None = None) -> str:
     if decision.times:
         chosen_first = sorted(decision.times.items(), key=lambda kv: kv[0] != decision.choice)
         times = " vs ".join(f"{name} {_ms(t)}" for name, t in chosen_first)
+        pending = _IN_PLACE.get(key)
+        if pending is not None:
+            done = sum(len(t) for t in pending.values())
+            return (f"{where}: {named(decision.choice)}: {decision.source} {times}; close, so "
+                    f"being confirmed in place ({done} of {IN_PLACE_ROUNDS * len(pending)} real "
+                    f"calls timed, alternating {' and '.join(pending)})")
         return f"{where}: {named(decision.choice)}: {decision.source} {times}, cached"
     return f"{where}: {named(decision.choice)}: {decision.source}"

@@ -150,6 +150,117 @@ def test_auto_measures_once_per_bucket_and_uses_the_faster(monkeypatch):
     assert dispatch.decisions()[layer._kernel_key(torch.randn(40, 64))].choice == "sparse"
 
 
+class FakeClock:
+    """Stands in for dispatch.timed_call: runs the candidate and reports a fixed time per
+    candidate name; records the order."""
+
+    def __init__(self, times):
+        self.times, self.order = times, []
+
+    def __call__(self, name, fn, args):
+        self.order.append(name)
+        return fn(*args), self.times[name]
+
+
+def test_close_decision_is_confirmed_in_place(monkeypatch):
+    # Isolated: sparse 1.0 ms vs dense 1.1 ms (close). In place: dense is faster.
+    monkeypatch.setattr(dispatch, "measure", FakeMeasure({"sparse": 1.0e-3, "dense": 1.1e-3}))
+    clock = FakeClock({"sparse": 3e-3, "dense": 1e-3})
+    monkeypatch.setattr(dispatch, "timed_call", clock)
+    layer = sparse_linear(64, 32, torch.float32)
+    x = torch.randn(5, 64)
+    want = nn.functional.linear(x, layer.dense_weight(), layer.bias.detach())
+    key = layer._kernel_key(x)
+    with torch.no_grad():
+        y = layer(x)  # measures: sparse, pending confirmation
+        assert dispatch.decisions()[key].choice == "sparse"
+        assert "being confirmed in place (0 of 6 real calls timed" in sk.explain(layer)
+        layer(x)  # grad disabled: timed in place
+    y_grad = layer(x)  # autograd on: runs the current choice, not timed
+    assert clock.order == ["sparse"] and y_grad.requires_grad
+    outputs = [y]
+    with torch.no_grad():
+        for _ in range(2 * dispatch.IN_PLACE_ROUNDS - 1):
+            outputs.append(layer(x))
+        assert clock.order == ["sparse", "dense"] * dispatch.IN_PLACE_ROUNDS
+        decision = dispatch.decisions()[key]
+        assert decision.choice == "dense" and decision.source == "confirmed in place (isolated: sparse)"
+        assert decision.times == {"sparse": 3e-3, "dense": 1e-3}
+        assert "dense (torch F.linear on the decompressed weight): confirmed in place" in sk.explain(layer)
+        outputs.append(layer(x))  # decided: no more timing
+    assert len(clock.order) == 2 * dispatch.IN_PLACE_ROUNDS
+    for out in outputs:
+        assert rel_err(out, want) < 1e-5
+
+
+def test_clear_decisions_are_not_confirmed_in_place(monkeypatch):
+    monkeypatch.setattr(dispatch, "measure", FakeMeasure({"sparse": 1.0e-3, "dense": 1.5e-3}))
+    clock = FakeClock({"sparse": 3e-3, "dense": 1e-3})
+    monkeypatch.setattr(dispatch, "timed_call", clock)
+    layer = sparse_linear(64, 32, torch.float32)
+    with torch.no_grad():
+        for _ in range(8):
+            layer(torch.randn(3, 64))
+    assert clock.order == [] and "cached" in sk.explain(layer)
+    assert next(iter(dispatch.decisions().values())).source == "measured"
+
+
+def test_in_place_confirmation_under_concurrent_calls(monkeypatch):
+    monkeypatch.setattr(dispatch, "measure", FakeMeasure({"sparse": 1.0e-3, "dense": 1.05e-3}))
+    clock = FakeClock({"sparse": 1e-3, "dense": 2e-3})
+    monkeypatch.setattr(dispatch, "timed_call", clock)
+    layer = sparse_linear(48, 24, torch.float32)
+    x = torch.randn(4, 48)
+    want = nn.functional.linear(x, layer.dense_weight(), layer.bias.detach())
+    barrier, errors, outs = threading.Barrier(6), [], []
+
+    def worker():
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                for _ in range(5):
+                    outs.append(layer(x))
+        except Exception as exc:  # pragma: no cover (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(outs) == 30
+    assert all(rel_err(y, want) < 1e-5 for y in outs)
+    decision = next(iter(dispatch.decisions().values()))
+    assert decision.choice == "sparse" and decision.source.startswith("confirmed in place")
+    assert clock.order.count("sparse") >= dispatch.IN_PLACE_ROUNDS
+    assert clock.order.count("dense") >= dispatch.IN_PLACE_ROUNDS
+
+
+def test_loading_or_clearing_ends_a_confirmation(monkeypatch, tmp_path):
+    monkeypatch.setattr(dispatch, "measure", FakeMeasure({"sparse": 1.0e-3, "dense": 1.1e-3}))
+    clock = FakeClock({"sparse": 3e-3, "dense": 1e-3})
+    monkeypatch.setattr(dispatch, "timed_call", clock)
+    layer = sparse_linear(64, 32, torch.float32)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        layer(x)
+    path = tmp_path / "choices.json"
+    dispatch.save(path)
+    assert "being confirmed in place" in sk.explain(layer)
+    dispatch.load(path)
+    assert "loaded from" in sk.explain(layer) and "confirmed" not in sk.explain(layer)
+    with torch.no_grad():
+        layer(x)
+    assert clock.order == []
+    dispatch.clear()
+    with torch.no_grad():
+        layer(x)  # measured again, pending again
+        layer(x)
+    assert clock.order == ["sparse"]
+    dispatch.clear()
+    assert "not decided yet" in sk.explain(layer, x)
+
+
 def test_measure_times_every_candidate_alternately():
     calls = []
     candidates = {"sparse": lambda x: calls.append("sparse"), "dense": lambda x: calls.append("dense")}
