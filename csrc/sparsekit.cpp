@@ -63,6 +63,8 @@ TORCH_LIBRARY(sparsekit, lib) {
   // = column 16c + j kept), offsets int64 [rows + 1] (row r's values start).
   lib.def("bitmask_compress(Tensor w) -> (Tensor, Tensor, Tensor)");
   lib.def("bitmask_decompress(Tensor values, Tensor mask, Tensor offsets, int k) -> Tensor");
+  lib.def("bitmask_decompress_into(Tensor values, Tensor mask, Tensor offsets, int k, "
+          "Tensor(a!) out) -> ()");
   lib.def(
       "bitmask_linear(Tensor x, Tensor values, Tensor mask, Tensor offsets, Tensor? bias, int k) "
       "-> Tensor");

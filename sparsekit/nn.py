@@ -47,6 +47,16 @@ def _nm_dense_weight(values, metadata, k, n, m, *inputs):
     return ops.nm_decompress_into(values, metadata, k, n, m, out)
 
 
+def _bitmask_dense_weight(values, mask, offsets, k, *inputs):
+    """_nm_dense_weight for the bitmask format."""
+    if (torch.compiler.is_compiling() or values.device.type == "meta" or
+            (torch.is_grad_enabled() and
+             any(t is not None and t.requires_grad for t in (values, *inputs)))):
+        return ops.bitmask_decompress(values, mask, offsets, k)
+    out = dispatch.scratch((mask.shape[0], k), values.dtype, values.device)
+    return ops.bitmask_decompress_into(values, mask, offsets, k, out)
+
+
 class SparseLinear(dispatch.ModuleChoice, nn.Module):
     """y = x @ W^T + b with W [out_features, in_features] N:M sparse along in_features.
 
@@ -188,10 +198,11 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
         return nn.functional.linear(x, self._call_dense_weight(x), self.bias)
 
     def _call_dense_weight(self, x: torch.Tensor) -> torch.Tensor:
-        """The dense weight for a dense-path call (N:M: see _nm_dense_weight; unstructured:
-        a new tensor per call, the bitmask format has no decompress-into)."""
+        """The dense weight for a dense-path call (see _nm_dense_weight; unstructured: the
+        same with the bitmask ops)."""
         if self.unstructured:
-            return ops.bitmask_decompress(self.values, self.mask, self.offsets, self.in_features)
+            return _bitmask_dense_weight(self.values, self.mask, self.offsets, self.in_features,
+                                         x, self.bias)
         return _nm_dense_weight(self.values, self.metadata, self.in_features, self.n, self.m,
                                 x, self.bias)
 

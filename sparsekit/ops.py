@@ -25,7 +25,8 @@ __all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "nm_decompress_
            "nm_linear", "nm_linear_grad_input", "nm_sddmm", "nm_conv2d", "masked_linear",
            "masked_linear_grad_input", "masked_linear_grad_weight", "explain",
            "registered_kernels", "set_cpu_isa", "set_cuda_backend", "bitmask_compress",
-           "bitmask_decompress", "bitmask_linear", "bitmask_linear_grad_input", "bitmask_sddmm"]
+           "bitmask_decompress", "bitmask_decompress_into", "bitmask_linear",
+           "bitmask_linear_grad_input", "bitmask_sddmm"]
 
 NAMESPACE = "sparsekit"
 
@@ -64,6 +65,8 @@ SCHEMAS = {
 INTERNAL_SCHEMAS = {
     "nm_decompress_into": "nm_decompress_into(Tensor values, Tensor metadata, int k, int n, int m, "
                           "Tensor(a!) out) -> ()",
+    "bitmask_decompress_into": "bitmask_decompress_into(Tensor values, Tensor mask, Tensor offsets, "
+                               "int k, Tensor(a!) out) -> ()",
     "sp24_pack": "sp24_pack(Tensor values, Tensor metadata, int k) -> (Tensor, Tensor)",
     "sp24_linear": "sp24_linear(Tensor x, Tensor packed_values, Tensor packed_meta, Tensor? bias, "
                    "int rows, int k) -> Tensor",
@@ -1129,6 +1132,28 @@ torch.library.register_autograd(f"{NAMESPACE}::bitmask_decompress", _bitmask_dec
 def bitmask_compress(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values, mask, offsets) of a 2-D matrix in the bitmask format (sparsekit.bitmask)."""
     return torch.ops.sparsekit.bitmask_compress(w)
+
+
+_BITMASK_DECOMPRESS_INTO_CPU = (_schema_exists("bitmask_decompress_into") and
+                                torch._C._dispatch_has_kernel_for_dispatch_key(
+                                    f"{NAMESPACE}::bitmask_decompress_into", "CPU"))
+
+if _schema_exists("bitmask_decompress_into"):
+    @torch.library.register_fake(f"{NAMESPACE}::bitmask_decompress_into")
+    def _bitmask_decompress_into_fake(values, mask, offsets, k, out):
+        return None
+
+
+def bitmask_decompress_into(values, mask, offsets, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Writes the dense [rows, k] matrix of the bitmask triple into `out` (contiguous, the
+    values' dtype and device) and returns it: the compiled CPU kernel writes in place;
+    other devices, or a build without the extension, decompress and copy. Not
+    differentiable (use bitmask_decompress for gradients)."""
+    if _BITMASK_DECOMPRESS_INTO_CPU and values.device.type == "cpu":
+        torch.ops.sparsekit.bitmask_decompress_into(values, mask, offsets, k, out)
+    else:
+        out.copy_(torch.ops.sparsekit.bitmask_decompress(values, mask, offsets, k))
+    return out
 
 
 def bitmask_decompress(values, mask, offsets, k: int) -> torch.Tensor:

@@ -139,6 +139,33 @@ def test_compress_matches_reference_and_round_trips(dtype, rows, k, sparsity):
     assert torch.equal(reference.bitmask_decompress(values, mask, offsets, k), w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("rows,k", [(1, 1), (7, 16), (5, 33), (40, 129), (3, 0), (0, 5), (9, 64)])
+def test_decompress_into_every_remainder(isa, dtype, rows, k):
+    """bitmask_decompress_into (the dense path's scratch fill): 32 columns per step for
+    16-bit entries, 16 for 32-bit, portable for 64-bit; K ending inside a step."""
+    w = sparse_weight(rows, k, 0.6, dtype)
+    t = compress_bitmask(w)
+    out = torch.full((rows, k), 7.0, dtype=dtype)  # stale values must all be overwritten
+    assert ops.bitmask_decompress_into(t.values, t.mask, t.offsets, k, out) is out
+    assert torch.equal(out, w)
+    assert torch.equal(ops.bitmask_decompress(t.values, t.mask, t.offsets, k), w)
+
+
+def test_decompress_into_checks_out_and_triple():
+    t = compress_bitmask(sparse_weight(6, 40, 0.7))
+    with pytest.raises(ValueError, match=r"out must have shape \[6, 40\]"):
+        ops.bitmask_decompress_into(t.values, t.mask, t.offsets, 40, torch.empty(6, 41))
+    with pytest.raises(TypeError, match="out must have the values' dtype"):
+        ops.bitmask_decompress_into(t.values, t.mask, t.offsets, 40, torch.empty(6, 40, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        ops.bitmask_decompress_into(t.values, t.mask, t.offsets, 40, torch.empty(40, 6).t())
+    bad = t.mask.clone()
+    bad[3, 0] ^= 1 << 4
+    with pytest.raises(ValueError, match="mask and offsets disagree at row 3"):
+        ops.bitmask_decompress_into(t.values, bad, t.offsets, 40, torch.empty(6, 40))
+
+
 def test_negative_zero_is_pruned_and_format_is_canonical():
     w = torch.tensor([[0.0, -0.0, 2.0, 0.0] * 5])
     t = compress_bitmask(w)
@@ -201,6 +228,8 @@ def _opcheck_samples():
             yield "bitmask_linear_grad_input", (gy, t.values, t.mask, t.offsets, 40)
             yield "bitmask_sddmm", (gy, x, t.mask, t.offsets, 40)
         yield "bitmask_decompress", (t.values, t.mask, t.offsets, 40)
+        yield "bitmask_decompress_into", (t.values, t.mask, t.offsets, 40,
+                                          torch.empty(6, 40, dtype=dtype))
 
 
 @pytest.mark.parametrize("name,args", list(_opcheck_samples()), ids=lambda a: a if isinstance(a, str) else "")

@@ -475,14 +475,19 @@ def test_conv_gradients_reach_kept_values_in_both_paths(mode):
     assert torch.autograd.gradcheck(lambda x, values: layer(x), (x, layer.values))
 
 
-def test_dense_path_without_grad_uses_scratch_and_with_grad_does_not():
-    layer = sparse_linear(32, 8, torch.float32)
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_dense_path_without_grad_uses_scratch_and_with_grad_does_not(pattern):
+    layer = sparse_linear(32, 8, torch.float32, pattern=pattern)
     layer.kernel_choice = "dense"
     dispatch.release_scratch()
-    layer(torch.randn(2, 32))  # values require grad: autograd path, no scratch
+    x = torch.randn(2, 32)
+    want = nn.functional.linear(x, layer.dense_weight(), layer.bias.detach())
+    y = layer(x)  # values require grad: autograd path, no scratch
     assert not getattr(dispatch._SCRATCH, "buffers", {})
+    y.sum().backward()
+    assert layer.values.grad is not None
     with torch.no_grad():
-        layer(torch.randn(2, 32))
+        assert rel_err(layer(x), want) < 1e-5
     assert dispatch._SCRATCH.buffers
 
 

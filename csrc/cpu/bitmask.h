@@ -121,6 +121,11 @@ inline int64_t bitmask_scratch_floats(int64_t chunks) { return 2 * (chunks * kCh
 // else -1. Runs before any kernel reads those rows.
 using BitmaskCheck = int64_t (*)(const BitmaskArgs&, int64_t r0, int64_t r1, uint16_t tail);
 
+// Rows [r0, r1) of the dense matrix into dst [rows, k] (row-major, entries of `elem`
+// bytes: 2, 4 or 8; a.values holds the kept entries in that width). Rows already checked.
+using BitmaskDecompress = void (*)(const BitmaskArgs& a, int64_t r0, int64_t r1, void* dst,
+                                   int64_t k, int elem);
+
 struct BitmaskKernels {
   const char* isa;
   BitmaskCheck first_bad_row;
@@ -129,7 +134,13 @@ struct BitmaskKernels {
   BitmaskKernel forward;        // xT -> yT
   BitmaskKernel grad_input;     // gyT -> gxT (+=)
   BitmaskKernel sddmm;          // gyT, xT -> gv
+  BitmaskDecompress decompress;
 };
+
+// The portable decompression (bitmask_scalar.cpp), also the AVX-512 one's fallback for
+// 8-byte entries.
+void bitmask_decompress_rows_scalar(const BitmaskArgs& a, int64_t r0, int64_t r1, void* dst,
+                                    int64_t k, int elem);
 
 const BitmaskKernels& bitmask_kernels_scalar();
 const BitmaskKernels& bitmask_kernels_avx512();

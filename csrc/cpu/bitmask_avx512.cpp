@@ -352,12 +352,53 @@ void sddmm(const BitmaskArgs& a, int64_t r0, int64_t r1, float* scratch) {
   }
 }
 
+// Dense rows from the packed values: 16-bit entries 32 columns per step (two mask words,
+// one masked load of their kept values and one word expand), 32-bit entries 16 per step;
+// the row's last step stores only the columns below k. 8-byte entries: the portable loop.
+void decompress(const BitmaskArgs& a, int64_t r0, int64_t r1, void* dst, int64_t k, int elem) {
+  if (elem != 2 && elem != 4) {
+    bitmask_decompress_rows_scalar(a, r0, r1, dst, k, elem);
+    return;
+  }
+  const int64_t C = a.chunks;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* mk = a.mask + r * C;
+    if (elem == 2) {
+      const uint16_t* v = static_cast<const uint16_t*>(a.values) + a.offsets[r];
+      uint16_t* row = static_cast<uint16_t*>(dst) + r * k;
+      for (int64_t c = 0; c < C; c += 2) {
+        const uint32_t bits = mk[c] | (c + 1 < C ? static_cast<uint32_t>(mk[c + 1]) << 16 : 0u);
+        const unsigned n = static_cast<unsigned>(_mm_popcnt_u32(bits));
+        const __m512i w = _mm512_maskz_expand_epi16(
+            bits, _mm512_maskz_loadu_epi16(static_cast<__mmask32>(_bzhi_u32(0xFFFFFFFFu, n)), v));
+        v += n;
+        const int64_t left = k - c * kChunk;
+        const __mmask32 keep = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>(_bzhi_u32(0xFFFFFFFFu, static_cast<unsigned>(left)));
+        _mm512_mask_storeu_epi16(row + c * kChunk, keep, w);
+      }
+    } else {
+      const float* v = static_cast<const float*>(a.values) + a.offsets[r];
+      float* row = static_cast<float*>(dst) + r * k;
+      for (int64_t c = 0; c < C; ++c) {
+        const uint16_t bits = mk[c];
+        const unsigned n = static_cast<unsigned>(_mm_popcnt_u32(bits));
+        const __m512 w = _mm512_maskz_expand_ps(
+            bits, _mm512_maskz_loadu_ps(static_cast<__mmask16>(_bzhi_u32(0xFFFFu, n)), v));
+        v += n;
+        const int64_t left = k - c * kChunk;
+        const __mmask16 keep = left >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<unsigned>(left)));
+        _mm512_mask_storeu_ps(row + c * kChunk, keep, w);
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace bitmask_avx512
 
 const BitmaskKernels& bitmask_kernels_avx512() {
   static const BitmaskKernels k{"avx512", bitmask_avx512::first_bad_row, bitmask_avx512::forward_small, false, bitmask_avx512::forward,
-                                bitmask_avx512::grad_input, bitmask_avx512::sddmm};
+                                bitmask_avx512::grad_input, bitmask_avx512::sddmm, bitmask_avx512::decompress};
   return k;
 }
 

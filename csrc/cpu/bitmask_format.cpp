@@ -192,37 +192,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bitmask_compress_cpu(const at::Te
   return {values, mask, offsets};
 }
 
+BitmaskArgs make_args(const Layout& L, const at::Tensor& kv, const at::Tensor& mask,
+                      const at::Tensor& offsets);
+
+// Writes the dense [rows, k] matrix into `dense` (contiguous, the values' dtype; checked
+// by the callers) after checking every row.
+void decompress_into(const Layout& L, const at::Tensor& values, const at::Tensor& mask,
+                     const at::Tensor& offsets, int64_t k, at::Tensor& dense) {
+  const at::Tensor vc = values.contiguous(), mc = mask.contiguous(), oc = offsets.contiguous();
+  check_all_rows(L, mc, oc);
+  BitmaskArgs a = make_args(L, vc, mc, oc);
+  const BitmaskKernels& kern = kernels();
+  void* dst = dense.data_ptr();
+  const int elem = static_cast<int>(values.element_size());
+  at::parallel_for(0, L.rows, 64, [&](int64_t r0, int64_t r1) { kern.decompress(a, r0, r1, dst, k, elem); });
+}
+
 at::Tensor decompress(const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,
                       int64_t k) {
   const Layout L = check_triple(values, mask, offsets, k);
-  const at::Tensor vc = values.contiguous(), mc = mask.contiguous(), oc = offsets.contiguous();
-  check_all_rows(L, mc, oc);
-  at::Tensor dense = at::zeros({L.rows, k}, values.options());
-  const uint16_t* mk = reinterpret_cast<const uint16_t*>(mc.const_data_ptr<int16_t>());
-  const int64_t* off = oc.const_data_ptr<int64_t>();
-  dispatch_bits(vc, [&](auto tag) {
-    using T = decltype(tag);
-    const T* src = static_cast<const T*>(vc.const_data_ptr());
-    T* dst = static_cast<T*>(dense.data_ptr());
-    at::parallel_for(0, L.rows, 64, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        int64_t p = off[r];
-        for (int64_t c = 0; c < L.chunks; ++c) {
-          uint32_t m = mk[r * L.chunks + c];
-          while (m != 0) {
-            dst[r * k + c * kChunk + __builtin_ctz(m)] = src[p++];
-            m &= m - 1;
-          }
-        }
-      }
-    });
-  });
+  at::Tensor dense = at::empty({L.rows, k}, values.options());
+  decompress_into(L, values, mask, offsets, k, dense);
   return dense;
 }
 
 at::Tensor bitmask_decompress_cpu(const at::Tensor& values, const at::Tensor& mask,
                                   const at::Tensor& offsets, int64_t k) {
   return decompress(values, mask, offsets, k);
+}
+
+// Into a caller's buffer: an unstructured layer's dense path reuses one scratch buffer
+// instead of allocating (and page-faulting) a fresh dense weight on every call.
+void bitmask_decompress_into_cpu(const at::Tensor& values, const at::Tensor& mask,
+                                 const at::Tensor& offsets, int64_t k, at::Tensor out) {
+  const Layout L = check_triple(values, mask, offsets, k);
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == L.rows && out.size(1) == k,
+                    "out must have shape [", L.rows, ", ", k, "], got ", out.sizes());
+  TORCH_CHECK_TYPE(out.scalar_type() == values.scalar_type(), "out must have the values' dtype ",
+                   values.scalar_type(), ", got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == values.device() && out.is_contiguous(),
+                    "out must be a contiguous tensor on ", values.device());
+  decompress_into(L, values, mask, offsets, k, out);
 }
 
 void check_operand(const at::Tensor& t, const char* name, int64_t last, const char* what,
@@ -461,6 +471,7 @@ bool bitmask_set_isa(const std::string& isa) {
 TORCH_LIBRARY_IMPL(sparsekit, CPU, lib) {
   lib.impl("bitmask_compress", &bitmask_compress_cpu);
   lib.impl("bitmask_decompress", &bitmask_decompress_cpu);
+  lib.impl("bitmask_decompress_into", &bitmask_decompress_into_cpu);
   lib.impl("bitmask_linear", &bitmask_linear_cpu);
   lib.impl("bitmask_linear_grad_input", &bitmask_linear_grad_input_cpu);
   lib.impl("bitmask_sddmm", &bitmask_sddmm_cpu);

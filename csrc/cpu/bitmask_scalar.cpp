@@ -1,5 +1,8 @@
 // Portable CPU kernels of the bitmask format (any compiler, any CPU): set bits are walked
 // one by one. bitmask_avx512.cpp holds the fast ones; these define the results they match.
+#include <cstddef>
+#include <cstring>
+
 #include "bitmask.h"
 
 namespace sparsekit {
@@ -86,9 +89,39 @@ void sddmm(const BitmaskArgs& a, int64_t r0, int64_t r1, float*) {
 }  // namespace
 }  // namespace bitmask_scalar
 
+namespace {
+
+template <typename T>
+void decompress_rows_t(const BitmaskArgs& a, int64_t r0, int64_t r1, T* dst, int64_t k) {
+  const T* src = static_cast<const T*>(a.values);
+  for (int64_t r = r0; r < r1; ++r) {
+    T* row = dst + r * k;
+    std::memset(static_cast<void*>(row), 0, sizeof(T) * static_cast<size_t>(k));
+    int64_t p = a.offsets[r];
+    for (int64_t c = 0; c < a.chunks; ++c) {
+      uint32_t m = a.mask[r * a.chunks + c];
+      while (m != 0) {
+        row[c * kChunk + __builtin_ctz(m)] = src[p++];
+        m &= m - 1;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void bitmask_decompress_rows_scalar(const BitmaskArgs& a, int64_t r0, int64_t r1, void* dst,
+                                    int64_t k, int elem) {
+  switch (elem) {
+    case 2: decompress_rows_t(a, r0, r1, static_cast<uint16_t*>(dst), k); break;
+    case 4: decompress_rows_t(a, r0, r1, static_cast<uint32_t*>(dst), k); break;
+    default: decompress_rows_t(a, r0, r1, static_cast<uint64_t*>(dst), k); break;
+  }
+}
+
 const BitmaskKernels& bitmask_kernels_scalar() {
   static const BitmaskKernels k{"scalar", bitmask_scalar::first_bad_row, bitmask_scalar::forward_small, false, bitmask_scalar::forward,
-                                bitmask_scalar::grad_input, bitmask_scalar::sddmm};
+                                bitmask_scalar::grad_input, bitmask_scalar::sddmm, bitmask_decompress_rows_scalar};
   return k;
 }
 
