@@ -502,7 +502,12 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
         lin = self.linear
         w = lin._call_dense_weight(x)
         kh, kw = self.kernel_size
-        w = w.view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+        if kh == kw == 1:
+            # [out, C_in] is already [out, C_in, 1, 1] with standard strides: a channels-last
+            # looking view would make F.conv2d convert x (and its output) to channels-last.
+            w = w.view(self.out_channels, self.in_channels, 1, 1)
+        else:
+            w = w.view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
         return nn.functional.conv2d(x, w, lin.bias, self.stride, self.padding, self.dilation)
 
     _kernel_candidates = SparseLinear._kernel_candidates  # by name: _sparse/_dense_forward

@@ -128,6 +128,21 @@ def test_conv_every_choice_equals_masked_dense(mode, dtype, kwargs, in_channels)
 
 # -- the decision cache ----------------------------------------------------------------
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_1x1_dense_path_keeps_the_input_memory_format(stride):
+    # The 1x1 dense weight is handed to F.conv2d as a standard [out, C_in, 1, 1] tensor: a
+    # channels-last view would make torch convert an NCHW input (and its output).
+    layer = conv_layer(16, 24, torch.float32, kernel_size=1, stride=stride)
+    layer.kernel_choice = "dense"
+    x = torch.randn(2, 16, 9, 9)
+    want = nn.functional.conv2d(x, layer.dense_weight(), layer.linear.bias.detach(), stride)
+    with torch.no_grad():
+        y = layer(x)
+        y_cl = layer(x.to(memory_format=torch.channels_last))
+    assert y.is_contiguous() and rel_err(y, want) < 1e-5
+    assert y_cl.is_contiguous(memory_format=torch.channels_last) and rel_err(y_cl, want) < 1e-5
+
+
 def test_auto_measures_once_per_bucket_and_uses_the_faster(monkeypatch):
     fake = FakeMeasure({"sparse": 2e-3, "dense": 1e-3})
     monkeypatch.setattr(dispatch, "measure", fake)
