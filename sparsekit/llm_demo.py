@@ -16,19 +16,23 @@ import torch
 
 from . import lm, prune
 from .convert import sparsify
+from .timing import paired_seconds
 
 PROMPT = "The Python for statement"
 
 
-def _decode_tokens_per_s(model, ids, new_tokens: int, repeats: int) -> float:
-    best = float("inf")
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False, pad_token_id=0)
-            best = min(best, time.perf_counter() - start)
-    return new_tokens / best
+def _decode_tokens_per_s(dense, sparse, ids, new_tokens: int, repeats: int) -> tuple:
+    """Decode tokens/s of both models, best of `repeats` greedy generations each, run
+    alternately (timing.paired_seconds) so that both see the same machine state."""
+    def generate(model):
+        def run():
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=0)
+        return run
+
+    dense_s, sparse_s = paired_seconds(generate(dense), generate(sparse), repeats)
+    return new_tokens / dense_s, new_tokens / sparse_s
 
 
 def _figure(path: str, results: dict) -> bool:
@@ -106,10 +110,8 @@ def run(out_dir: str = "demo-output", calibration_blocks: int = 16, calibration_
         results["completions"]["SparseGPT 2:4 + distill"] = lm.greedy_complete(
             model, tokenizer, PROMPT, new_tokens)
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    _decode_tokens_per_s(dense, ids, 4, 1)  # warm-up
-    _decode_tokens_per_s(model, ids, 4, 1)
-    speeds = {"dense": _decode_tokens_per_s(dense, ids, new_tokens, repeats),
-              "SparseGPT 2:4": _decode_tokens_per_s(model, ids, new_tokens, repeats)}
+    dense_tps, sparse_tps = _decode_tokens_per_s(dense, model, ids, new_tokens, repeats)
+    speeds = {"dense": dense_tps, "SparseGPT 2:4": sparse_tps}
     results["decode_tokens_per_s"] = speeds
     results["decode_speedup"] = speeds["SparseGPT 2:4"] / speeds["dense"]
 
