@@ -177,11 +177,18 @@ class FakeClock:
         return fn(*args), self.times[name]
 
 
+def fake_timing(monkeypatch, isolated, in_place):
+    """Decisions from fixed isolated times (seconds per candidate), and fixed in-place
+    times; returns the in-place clock."""
+    monkeypatch.setattr(dispatch, "measure", FakeMeasure(isolated))
+    clock = FakeClock(in_place)
+    monkeypatch.setattr(dispatch, "timed_call", clock)
+    return clock
+
+
 def test_close_decision_is_confirmed_in_place(monkeypatch):
     # Isolated: sparse 1.0 ms vs dense 1.1 ms (close). In place: dense is faster.
-    monkeypatch.setattr(dispatch, "measure", FakeMeasure({"sparse": 1.0e-3, "dense": 1.1e-3}))
-    clock = FakeClock({"sparse": 3e-3, "dense": 1e-3})
-    monkeypatch.setattr(dispatch, "timed_call", clock)
+    clock = fake_timing(monkeypatch, {"sparse": 1.0e-3, "dense": 1.1e-3}, {"sparse": 3e-3, "dense": 1e-3})
     layer = sparse_linear(64, 32, torch.float32)
     x = torch.randn(5, 64)
     want = nn.functional.linear(x, layer.dense_weight(), layer.bias.detach())
@@ -209,9 +216,7 @@ def test_close_decision_is_confirmed_in_place(monkeypatch):
 
 
 def test_clear_decisions_are_not_confirmed_in_place(monkeypatch):
-    monkeypatch.setattr(dispatch, "measure", FakeMeasure({"sparse": 1.0e-3, "dense": 1.5e-3}))
-    clock = FakeClock({"sparse": 3e-3, "dense": 1e-3})
-    monkeypatch.setattr(dispatch, "timed_call", clock)
+    clock = fake_timing(monkeypatch, {"sparse": 1.0e-3, "dense": 1.5e-3}, {"sparse": 3e-3, "dense": 1e-3})
     layer = sparse_linear(64, 32, torch.float32)
     with torch.no_grad():
         for _ in range(8):
@@ -221,9 +226,7 @@ def test_clear_decisions_are_not_confirmed_in_place(monkeypatch):
 
 
 def test_in_place_confirmation_under_concurrent_calls(monkeypatch):
-    monkeypatch.setattr(dispatch, "measure", FakeMeasure({"sparse": 1.0e-3, "dense": 1.05e-3}))
-    clock = FakeClock({"sparse": 1e-3, "dense": 2e-3})
-    monkeypatch.setattr(dispatch, "timed_call", clock)
+    clock = fake_timing(monkeypatch, {"sparse": 1.0e-3, "dense": 1.05e-3}, {"sparse": 1e-3, "dense": 2e-3})
     layer = sparse_linear(48, 24, torch.float32)
     x = torch.randn(4, 48)
     want = nn.functional.linear(x, layer.dense_weight(), layer.bias.detach())
@@ -252,9 +255,7 @@ def test_in_place_confirmation_under_concurrent_calls(monkeypatch):
 
 
 def test_loading_or_clearing_ends_a_confirmation(monkeypatch, tmp_path):
-    monkeypatch.setattr(dispatch, "measure", FakeMeasure({"sparse": 1.0e-3, "dense": 1.1e-3}))
-    clock = FakeClock({"sparse": 3e-3, "dense": 1e-3})
-    monkeypatch.setattr(dispatch, "timed_call", clock)
+    clock = fake_timing(monkeypatch, {"sparse": 1.0e-3, "dense": 1.1e-3}, {"sparse": 3e-3, "dense": 1e-3})
     layer = sparse_linear(64, 32, torch.float32)
     x = torch.randn(5, 64)
     with torch.no_grad():

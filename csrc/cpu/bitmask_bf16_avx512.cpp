@@ -30,8 +30,8 @@ void forward_t(const BitmaskArgs& a, int64_t r0, int64_t r1) {
     __m512 acc[B];
     for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
     for (int64_t c = 0; c < C; c += 4) {
-      _mm_prefetch(reinterpret_cast<const char*>(v + 512), _MM_HINT_T0);  // 1 KB ahead
-      _mm_prefetch(reinterpret_cast<const char*>(mk + c + 256), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchValueBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mk + c + kPrefetchMaskWords), _MM_HINT_T0);
       const uint64_t bits = bitmask_block_bits(mk, c, C);
       const unsigned n = static_cast<unsigned>(_mm_popcnt_u64(bits));
       __m512i cols = _mm512_maskz_compress_epi8(bits, iota);
@@ -62,16 +62,7 @@ void forward_small(const BitmaskArgs& a, int64_t r0, int64_t r1, float* scratch)
     bitmask_kernels_avx512().forward_small(a, r0, r1, scratch);
     return;
   }
-  switch (a.batch) {
-    case 1: forward_t<1>(a, r0, r1); break;
-    case 2: forward_t<2>(a, r0, r1); break;
-    case 3: forward_t<3>(a, r0, r1); break;
-    case 4: forward_t<4>(a, r0, r1); break;
-    case 5: forward_t<5>(a, r0, r1); break;
-    case 6: forward_t<6>(a, r0, r1); break;
-    case 7: forward_t<7>(a, r0, r1); break;
-    default: forward_t<8>(a, r0, r1); break;
-  }
+  bitmask_with_batch(a.batch, [&](auto b) { forward_t<decltype(b)::value>(a, r0, r1); });
 }
 
 }  // namespace

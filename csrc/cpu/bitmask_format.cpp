@@ -44,16 +44,22 @@ bool avx512bf16_supported() {
 
 std::atomic<const BitmaskKernels*> g_bitmask{nullptr};
 
+// The kernels named `isa` ("avx512bf16", "avx512", or "scalar": the portable ones), or
+// null when this CPU (or build) lacks them.
+const BitmaskKernels* variant(const std::string& isa) {
+#if defined(__x86_64__)
+  if (isa == "avx512bf16") return avx512bf16_supported() ? &bitmask_kernels_avx512bf16() : nullptr;
+  if (isa == "avx512") return avx512_supported() ? &bitmask_kernels_avx512() : nullptr;
+#endif
+  return isa == "scalar" ? &bitmask_kernels_scalar() : nullptr;
+}
+
 const BitmaskKernels& kernels() {
   const BitmaskKernels* k = g_bitmask.load();
   if (k == nullptr) {
-#if defined(__x86_64__)
-    k = avx512bf16_supported() ? &bitmask_kernels_avx512bf16()
-        : avx512_supported()   ? &bitmask_kernels_avx512()
-                               : &bitmask_kernels_scalar();
-#else
-    k = &bitmask_kernels_scalar();
-#endif
+    for (const char* isa : {"avx512bf16", "avx512", "scalar"}) {
+      if ((k = variant(isa)) != nullptr) break;
+    }
     g_bitmask.store(k);
   }
   return *k;
@@ -196,16 +202,22 @@ BitmaskArgs make_args(const Layout& L, const at::Tensor& kv, const at::Tensor& m
                       const at::Tensor& offsets);
 
 // Writes the dense [rows, k] matrix into `dense` (contiguous, the values' dtype; checked
-// by the callers) after checking every row.
+// by the callers), checking every row.
 void decompress_into(const Layout& L, const at::Tensor& values, const at::Tensor& mask,
                      const at::Tensor& offsets, int64_t k, at::Tensor& dense) {
   const at::Tensor vc = values.contiguous(), mc = mask.contiguous(), oc = offsets.contiguous();
-  check_all_rows(L, mc, oc);
-  BitmaskArgs a = make_args(L, vc, mc, oc);
+  const BitmaskArgs a = make_args(L, vc, mc, oc);
   const BitmaskKernels& kern = kernels();
   void* dst = dense.data_ptr();
   const int elem = static_cast<int>(values.element_size());
-  at::parallel_for(0, L.rows, 64, [&](int64_t r0, int64_t r1) { kern.decompress(a, r0, r1, dst, k, elem); });
+  // Each block of rows is checked just before it is decompressed (its mask then in L1).
+  at::parallel_for(0, L.rows, kCheckBlock, [&](int64_t r0, int64_t r1) {
+    for (int64_t b0 = r0; b0 < r1; b0 += kCheckBlock) {
+      const int64_t b1 = std::min(b0 + kCheckBlock, r1);
+      check_rows(kern, L, a, b0, b1);
+      kern.decompress(a, b0, b1, dst, k, elem);
+    }
+  });
 }
 
 at::Tensor decompress(const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,
@@ -438,34 +450,16 @@ at::Tensor bitmask_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, co
 
 }  // namespace
 
-// The ISA of the bitmask kernels ("avx512bf16", "avx512" or "scalar", the portable ones), and a way to
-// force one: sparsekit.cpp's set_cpu_isa calls this beside the N:M kernels' own.
+// The ISA of the bitmask kernels ("avx512bf16", "avx512" or "scalar", the portable ones),
+// and a way to force one: sparsekit.cpp's set_cpu_isa calls this beside the N:M kernels'.
 std::string bitmask_active_isa() { return kernels().isa; }
 
 bool bitmask_set_isa(const std::string& isa) {
-  if (isa == "avx512bf16") {
-#if defined(__x86_64__)
-    if (!avx512bf16_supported()) return false;
-    g_bitmask.store(&bitmask_kernels_avx512bf16());
-    return true;
-#else
-    return false;
-#endif
-  }
-  if (isa == "avx512") {
-#if defined(__x86_64__)
-    if (!avx512_supported()) return false;
-    g_bitmask.store(&bitmask_kernels_avx512());
-    return true;
-#else
-    return false;
-#endif
-  }
-  if (isa == "avx2" || isa == "scalar") {  // no AVX2 variant: the portable kernels
-    g_bitmask.store(&bitmask_kernels_scalar());
-    return true;
-  }
-  return false;
+  // No AVX2 variant: "avx2" means the portable kernels.
+  const BitmaskKernels* k = variant(isa == "avx2" ? "scalar" : isa);
+  if (k == nullptr) return false;
+  g_bitmask.store(k);
+  return true;
 }
 
 TORCH_LIBRARY_IMPL(sparsekit, CPU, lib) {
