@@ -443,6 +443,23 @@ def _call(model, batch):
     return model(*args, **kwargs)
 
 
+def _feed(target, batches, blame=None, after=None):
+    """Runs `target` on every calibration batch; a hook's _Stop ends a batch early. An error
+    is re-raised, as the calibration's fault (naming blame(batch index)) when `blame` is
+    given. `after()` runs after each batch."""
+    for j, batch in enumerate(batches):
+        try:
+            _call(target, batch)
+        except _Stop:
+            pass
+        except Exception as err:
+            if blame is not None:
+                raise _user_error(err, blame(j)) from err
+            raise
+        if after is not None:
+            after()
+
+
 def _first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
@@ -735,13 +752,7 @@ def _capture_first_block(model, block_list, block_name, batches) -> list[tuple[t
 
     handle = block_list[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        for i, batch in enumerate(batches):
-            try:
-                _call(model, batch)
-            except _Stop:
-                pass
-            except Exception as err:
-                raise _user_error(err, f"calibration batch {i}") from err
+        _feed(model, batches, blame=lambda j: f"calibration batch {j}")
     finally:
         handle.remove()
     if len(captured) != len(batches):
@@ -771,17 +782,10 @@ def _walk_blocks(model, block_list, block_name, layers, batches, report, method,
                 members = {name: mine[name] for name in group}
                 handles = _stats_hooks(members, stats, full,
                                        stop_after=None if repeated else group[-1])
+                # Before anything is pruned (block 0) an error is the calibration's fault.
+                blame = (lambda j: f"{block_name}[0] on calibration batch {j}") if i == 0 else None
                 try:
-                    for j, batch in enumerate(captured):
-                        try:
-                            _call(block, batch)
-                        except _Stop:
-                            pass
-                        except Exception as err:
-                            if i == 0:  # nothing pruned yet: the calibration is at fault
-                                raise _user_error(err, f"{block_name}[0] on calibration batch {j}") from err
-                            raise
-                        _release(stats)
+                    _feed(block, captured, blame=blame, after=lambda: _release(stats))
                 finally:
                     for h in handles:
                         h.remove()
@@ -841,12 +845,7 @@ def _walk_layers(model, order, layers, batches, report, method, n, m, sparsity, 
         stats: dict[str, _Stats] = {}
         handles = _stats_hooks({name: layer}, stats, full, stop_after=name)
         try:
-            for batch in batches:
-                try:
-                    _call(model, batch)
-                except _Stop:
-                    pass
-                _release(stats)
+            _feed(model, batches, after=lambda: _release(stats))
         finally:
             for h in handles:
                 h.remove()
