@@ -13,7 +13,8 @@ dtype, the device and the thread count, so the choice is made per **key**
 
 On the first call with a new key (mode "auto") the candidates are timed alternately on that
 call's own input (one warm-up each, then `REPEATS` rounds, more for calls of microseconds
-and up to `CLOSE_ROUNDS` while the two best are within `CLOSE` of each other, best time each, under `torch.no_grad()`; the warm-up alone when a call is slow), the
+and up to `CLOSE_ROUNDS` while the two best are within `CLOSE` of each other, best time
+each, under `torch.no_grad()`; the warm-up alone when a call is slow), the
 fastest is cached and every later call with the key pays one dictionary lookup. Measuring holds a lock, so threads that meet
 a new key together measure it once and the others wait for the decision. Only forward
 calls are timed; a training step uses the forward's decision.

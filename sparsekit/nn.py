@@ -35,26 +35,23 @@ __all__ = ["SparseLinear", "SparseConv2d"]
 UNSTRUCTURED = "unstructured"
 
 
-def _nm_dense_weight(values, metadata, k, n, m, *inputs):
+def _dense_weight(rows, k, values, decompress, decompress_into, *inputs):
     """The dense [rows, k] weight for a dense-path call: with autograd (grad enabled and any
-    of values / inputs requiring grad) a new differentiable tensor, since backward keeps
-    it; otherwise this thread's reused scratch buffer (sparsekit.dispatch.scratch)."""
+    of values / inputs requiring grad) a new differentiable tensor, decompress(), since
+    backward keeps it; otherwise decompress_into(out) of this thread's reused scratch
+    buffer (sparsekit.dispatch.scratch)."""
     if (torch.compiler.is_compiling() or values.device.type == "meta" or
             (torch.is_grad_enabled() and
              any(t is not None and t.requires_grad for t in (values, *inputs)))):
-        return ops.nm_decompress(values, metadata, k, n, m)
-    out = dispatch.scratch((values.shape[0], k), values.dtype, values.device)
-    return ops.nm_decompress_into(values, metadata, k, n, m, out)
+        return decompress()
+    return decompress_into(dispatch.scratch((rows, k), values.dtype, values.device))
 
 
-def _bitmask_dense_weight(values, mask, offsets, k, *inputs):
-    """_nm_dense_weight for the bitmask format."""
-    if (torch.compiler.is_compiling() or values.device.type == "meta" or
-            (torch.is_grad_enabled() and
-             any(t is not None and t.requires_grad for t in (values, *inputs)))):
-        return ops.bitmask_decompress(values, mask, offsets, k)
-    out = dispatch.scratch((mask.shape[0], k), values.dtype, values.device)
-    return ops.bitmask_decompress_into(values, mask, offsets, k, out)
+def _nm_dense_weight(values, metadata, k, n, m, *inputs):
+    """_dense_weight for the N:M format."""
+    return _dense_weight(values.shape[0], k, values,
+                         lambda: ops.nm_decompress(values, metadata, k, n, m),
+                         lambda out: ops.nm_decompress_into(values, metadata, k, n, m, out), *inputs)
 
 
 class SparseLinear(dispatch.ModuleChoice, nn.Module):
@@ -201,8 +198,11 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
         """The dense weight for a dense-path call (see _nm_dense_weight; unstructured: the
         same with the bitmask ops)."""
         if self.unstructured:
-            return _bitmask_dense_weight(self.values, self.mask, self.offsets, self.in_features,
-                                         x, self.bias)
+            v, mask, offsets, k = self.values, self.mask, self.offsets, self.in_features
+            return _dense_weight(mask.shape[0], k, v,
+                                 lambda: ops.bitmask_decompress(v, mask, offsets, k),
+                                 lambda out: ops.bitmask_decompress_into(v, mask, offsets, k, out),
+                                 x, self.bias)
         return _nm_dense_weight(self.values, self.metadata, self.in_features, self.n, self.m,
                                 x, self.bias)
 

@@ -429,14 +429,27 @@ def nm_decompress(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, 
 
 
 # A compiled build has the in-place CPU kernel (an internal op, like sp24_*).
-_DECOMPRESS_INTO_CPU = (_schema_exists("nm_decompress_into") and
-                        torch._C._dispatch_has_kernel_for_dispatch_key(
-                            f"{NAMESPACE}::nm_decompress_into", "CPU"))
+@functools.lru_cache(maxsize=None)
+def _has_cpu_kernel(name: str) -> bool:
+    return _schema_exists(name) and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"{NAMESPACE}::{name}", "CPU")
 
-if _schema_exists("nm_decompress_into"):
-    @torch.library.register_fake(f"{NAMESPACE}::nm_decompress_into")
-    def _nm_decompress_into_fake(values, metadata, k, n, m, out):
-        return None
+
+# The in-place decompressions of a compiled build (internal ops, like sp24_*): a layer's
+# dense path writes into its scratch buffer with them. They return nothing.
+for _name in ("nm_decompress_into", "bitmask_decompress_into"):
+    if _schema_exists(_name):
+        torch.library.register_fake(f"{NAMESPACE}::{_name}")(lambda *args: None)
+
+
+def _into(name: str, args: tuple, out: torch.Tensor, decompress) -> torch.Tensor:
+    """out written by the in-place op `name` on CPU tensors of a compiled build, else by a
+    copy of decompress()."""
+    if args[0].device.type == "cpu" and _has_cpu_kernel(name):
+        getattr(torch.ops.sparsekit, name)(*args, out)
+    else:
+        out.copy_(decompress())
+    return out
 
 
 def nm_decompress_into(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, m: int,
@@ -445,11 +458,8 @@ def nm_decompress_into(values: torch.Tensor, metadata: torch.Tensor, k: int, n: 
     device) and returns it: the compiled CPU kernel writes in place; other devices, or a
     build without the extension, decompress and copy. Not differentiable (use
     nm_decompress for gradients)."""
-    if _DECOMPRESS_INTO_CPU and values.device.type == "cpu":
-        torch.ops.sparsekit.nm_decompress_into(values, metadata, k, n, m, out)
-    else:
-        out.copy_(torch.ops.sparsekit.nm_decompress(values, metadata, k, n, m))
-    return out
+    return _into("nm_decompress_into", (values, metadata, k, n, m), out,
+                 lambda: torch.ops.sparsekit.nm_decompress(values, metadata, k, n, m))
 
 
 def _dispatch_key(device: torch.device) -> str:
@@ -1134,26 +1144,13 @@ def bitmask_compress(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return torch.ops.sparsekit.bitmask_compress(w)
 
 
-_BITMASK_DECOMPRESS_INTO_CPU = (_schema_exists("bitmask_decompress_into") and
-                                torch._C._dispatch_has_kernel_for_dispatch_key(
-                                    f"{NAMESPACE}::bitmask_decompress_into", "CPU"))
-
-if _schema_exists("bitmask_decompress_into"):
-    @torch.library.register_fake(f"{NAMESPACE}::bitmask_decompress_into")
-    def _bitmask_decompress_into_fake(values, mask, offsets, k, out):
-        return None
-
-
 def bitmask_decompress_into(values, mask, offsets, k: int, out: torch.Tensor) -> torch.Tensor:
     """Writes the dense [rows, k] matrix of the bitmask triple into `out` (contiguous, the
     values' dtype and device) and returns it: the compiled CPU kernel writes in place;
     other devices, or a build without the extension, decompress and copy. Not
     differentiable (use bitmask_decompress for gradients)."""
-    if _BITMASK_DECOMPRESS_INTO_CPU and values.device.type == "cpu":
-        torch.ops.sparsekit.bitmask_decompress_into(values, mask, offsets, k, out)
-    else:
-        out.copy_(torch.ops.sparsekit.bitmask_decompress(values, mask, offsets, k))
-    return out
+    return _into("bitmask_decompress_into", (values, mask, offsets, k), out,
+                 lambda: torch.ops.sparsekit.bitmask_decompress(values, mask, offsets, k))
 
 
 def bitmask_decompress(values, mask, offsets, k: int) -> torch.Tensor:
