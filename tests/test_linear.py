@@ -251,3 +251,26 @@ def test_best_variant_active_after_forced_tests():
     best = next(i for i in ("avx512bf16", "avx512", "avx2", "scalar")
                 if i in sk.build_info()["cpu_isa_available"] + ["scalar"])
     assert sk.build_info()["cpu_isa_active"] == best
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 13, 300])
+@pytest.mark.parametrize("batch", [32, 33, 64, 95])
+@pytest.mark.parametrize("k", [4, 61, 128, 131, 256, 1000])
+def test_bf16_2_4_pair_gemm_every_remainder(isa, rows, batch, k):
+    # From batch 32 the avx512bf16 forward prepares x's column pairs per group and tile of 32
+    # rows of x, then runs 8 weight rows at a time over K blocks of 32 groups, rows in blocks
+    # of 256: every remainder of each (rows 300: two row blocks), K ending inside a block and
+    # inside a group, and inf at the pruned columns of x (only kept pairs are read).
+    t, x, gy, bias = operands((batch,), k, rows, 2, 4, torch.bfloat16)
+    ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, 2, 4)
+    x_inf = x.clone()
+    x_inf[:, t.to_dense().ne(0).sum(0).eq(0)] = float("inf")
+    y = ops.nm_linear(x_inf, t.values, t.metadata, bias, k, 2, 4)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) < TOL[torch.bfloat16]
+    # Without bias, and with x as a strided view (copied into whole 64-column rows first).
+    xs = torch.stack([x, -x], 2).flatten(1)[:, ::2]
+    assert torch.equal(xs, x)
+    y0 = ops.nm_linear(xs, t.values, t.metadata, None, k, 2, 4)
+    ref0 = reference.nm_linear(x.double(), t.values.double(), t.metadata, None, k, 2, 4)
+    assert rel_err(y0, ref0) < TOL[torch.bfloat16]

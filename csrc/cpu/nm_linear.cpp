@@ -99,6 +99,34 @@ int64_t small_batch_limit() {
   return limit;
 }
 
+// From this many rows of x, the bf16 2:4 forward prepares x's column pairs once and runs
+// the pair GEMM instead of permuting x per weight row. SPARSEKIT_CPU_BF16_PAIRS overrides it.
+int64_t bf16_pairs_batch() {
+  static const int64_t limit = [] {
+    const char* env = std::getenv("SPARSEKIT_CPU_BF16_PAIRS");
+    return env != nullptr ? std::atoll(env) : int64_t{32};
+  }();
+  return limit;
+}
+
+// The calling thread's buffer for x's prepared pairs (grown, never shrunk: a fresh
+// allocation of several MB per call cost page faults on every call).
+uint32_t* pair_scratch(int64_t words) {
+  struct Free {
+    void operator()(uint32_t* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<uint32_t, Free> buf;
+  thread_local int64_t have = 0;
+  if (words > have) {
+    buf.reset();
+    const size_t bytes = (static_cast<size_t>(words) * 4 + 63) / 64 * 64;
+    buf.reset(static_cast<uint32_t*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(buf != nullptr, "out of memory for ", bytes, " bytes of prepared x pairs");
+    have = words;
+  }
+  return buf.get();
+}
+
 // Batch rows per pass: as many vector registers as the kernels unroll.
 int64_t batch_tile(const SpmmKernels& k) { return static_cast<int64_t>(k.lanes) * k.max_regs; }
 
@@ -233,9 +261,21 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     a.ldx = ldx;
     a.batch = batch;
     a.y16 = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-      kern.forward_2_4_bf16(a, r0, r1, nullptr);
-    });
+    if (kern.forward_2_4_bf16_pairs != nullptr && batch >= bf16_pairs_batch()) {
+      // Many rows of x: prepare x's column pairs once, then the pair GEMM.
+      const int64_t tiles = (batch + kPairTileRows - 1) / kPairTileRows;
+      uint32_t* pp = pair_scratch(tiles * pair_words_2_4_bf16(L));
+      at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+        kern.prepare_pairs_2_4_bf16(a, t0, t1, pp);
+      });
+      at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+        kern.forward_2_4_bf16_pairs(a, r0, r1, pp);
+      });
+    } else {
+      at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+        kern.forward_2_4_bf16(a, r0, r1, nullptr);
+      });
+    }
     return y.view(with_last(x, rows));
   }
   if (n == 2 && m == 4 && kern.forward_2_4[0] != nullptr && batch <= small_batch_limit()) {

@@ -94,7 +94,17 @@ struct SpmmKernels {
   // 2:4 forward for bf16 values and x with bf16 dot products (AVX512-BF16), every row of x
   // over rows [r0, r1) (SpmmArgs::x16, batch, y); null where the ISA has none.
   RowKernel forward_2_4_bf16 = nullptr;
+  // The same product for many rows of x (the pair GEMM of sp24_bf16_avx512.cpp): x in tiles
+  // of kPairTileRows rows, each prepared once into per-group column pairs
+  // (prepare_pairs_2_4_bf16 over tiles [t0, t1), pair_words_2_4_bf16 uint32 per tile), then
+  // forward_2_4_bf16_pairs over weight rows [r0, r1).
+  void (*prepare_pairs_2_4_bf16)(const SpmmArgs&, int64_t, int64_t, uint32_t*) = nullptr;
+  void (*forward_2_4_bf16_pairs)(const SpmmArgs&, int64_t, int64_t, const uint32_t*) = nullptr;
 };
+
+constexpr int kPairTileRows = 32;
+// uint32 words of prepared pairs per x tile.
+inline int64_t pair_words_2_4_bf16(const NMLayout& L) { return L.groups * 6 * kPairTileRows; }
 
 // Defined in spmm_<isa>.cpp; the AVX ones only on x86 builds.
 const SpmmKernels& spmm_kernels_scalar();
