@@ -173,8 +173,10 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
         return dispatch.run(self, self._kernel_key(x), self._kernel_candidates, (self, x))
 
     def _kernel_key(self, x: torch.Tensor) -> tuple:
+        # Parameters and buffers are read from their dicts: nn.Module.__getattr__ costs about
+        # a microsecond each, and a decoder makes hundreds of these calls per token.
         return dispatch.make_key("linear", self._format_key(), (self.out_features, self.in_features),
-                                 math.prod(x.shape[:-1]), x, self.values.dtype)
+                                 math.prod(x.shape[:-1]), x, self._parameters["values"].dtype)
 
     def _format_key(self) -> str:
         """The format in kernel-choice keys. Unstructured layers add the kept fraction in
@@ -185,10 +187,12 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
         return f"bitmask@{round(10 * self.values.shape[0] / total) / 10:.1f}"
 
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, b = self._parameters, self._buffers  # see _kernel_key
+        bias = p["bias"] if "bias" in p else self.bias  # a layer without bias: a plain None
         if self.unstructured:
-            return ops.bitmask_linear(x, self.values, self.mask, self.offsets, self.bias,
+            return ops.bitmask_linear(x, p["values"], b["mask"], b["offsets"], bias,
                                       self.in_features)
-        return ops.nm_linear(x, self.values, self.metadata, self.bias, self.in_features,
+        return ops.nm_linear(x, p["values"], b["metadata"], bias, self.in_features,
                              self.n, self.m)
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
