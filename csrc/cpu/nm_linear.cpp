@@ -109,6 +109,10 @@ int64_t bf16_pairs_batch() {
   return limit;
 }
 
+// Compressed weights up to this size run the pair GEMM split by x tiles (each thread reads
+// the whole weight from its cache); larger ones split by weight rows.
+constexpr int64_t kPairSmallWeightBytes = 1 << 20;
+
 // The calling thread's buffer for x's prepared pairs (grown, never shrunk: a fresh
 // allocation of several MB per call cost page faults on every call).
 uint32_t* pair_scratch(int64_t words) {
@@ -264,13 +268,31 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     if (kern.forward_2_4_bf16_pairs != nullptr && batch >= bf16_pairs_batch()) {
       // Many rows of x: prepare x's column pairs once, then the pair GEMM.
       const int64_t tiles = (batch + kPairTileRows - 1) / kPairTileRows;
-      uint32_t* pp = pair_scratch(tiles * pair_words_2_4_bf16(L));
-      at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-        kern.prepare_pairs_2_4_bf16(a, t0, t1, pp);
-      });
-      at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-        kern.forward_2_4_bf16_pairs(a, r0, r1, pp);
-      });
+      const int64_t weight_bytes = rows * (2 * L.values_per_row + L.meta_bytes_per_row);
+      if (weight_bytes <= kPairSmallWeightBytes && tiles > 1) {
+        // A small weight (every thread reads it from its cache): threads split the x tiles,
+        // each preparing one tile's pairs into its own buffer and using them at once (in
+        // L2), instead of all tiles' pairs written to memory and read back by every thread.
+        at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+          uint32_t* pp = pair_scratch(pair_words_2_4_bf16(L));
+          for (int64_t t = t0; t < t1; ++t) {
+            SpmmArgs at = a;
+            at.x16 += t * kPairTileRows * a.ldx;
+            at.y16 += t * kPairTileRows * a.ldy;
+            at.batch = std::min<int64_t>(kPairTileRows, batch - t * kPairTileRows);
+            kern.prepare_pairs_2_4_bf16(at, 0, 1, pp);
+            kern.forward_2_4_bf16_pairs(at, 0, rows, pp);
+          }
+        });
+      } else {
+        uint32_t* pp = pair_scratch(tiles * pair_words_2_4_bf16(L));
+        at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+          kern.prepare_pairs_2_4_bf16(a, t0, t1, pp);
+        });
+        at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+          kern.forward_2_4_bf16_pairs(a, r0, r1, pp);
+        });
+      }
     } else {
       at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
         kern.forward_2_4_bf16(a, r0, r1, nullptr);

@@ -297,29 +297,79 @@ void pair_rows(int64_t mr, const uint32_t* w, const uint8_t* off, int64_t ng, co
 }
 static_assert(kPairRows == 8, "pair_rows covers 1..8 rows");
 
+// 16x16 transpose of 32-bit lanes: r[i] lane j -> r[j] lane i.
+inline void transpose16(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < 4; ++i) {
+      t[8 * h + i] = _mm512_shuffle_i32x4(r[8 * h + i], r[8 * h + i + 4], 0x88);
+      t[8 * h + i + 4] = _mm512_shuffle_i32x4(r[8 * h + i], r[8 * h + i + 4], 0xDD);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+// Pairs of x tiles [t0, t1): per 16 rows of x and 8 groups, each row's 32 entries are one
+// register whose 32-bit lanes already hold pairs (0,1) and (2,3) of every group; two byte
+// shuffles inside each group give (0,2), (1,3) and (0,3), (1,2). A 16x16 transpose of each
+// of the three turns "one row of x, 16 pairs" into "one pair, 16 rows of x": 16 stores.
+// Rows of x past the batch are zero. x rows hold ldx >= 4 * groups entries, a multiple of
+// 64, so the 8-group loads stay inside them; only the groups < `groups` are stored.
 template <int NR>
 void prepare_pairs(const SpmmArgs& a, int64_t t0, int64_t t1, uint32_t* pairs) {
   constexpr int W = 16 * NR;
   const int64_t groups = a.layout.groups;
+  // pair index of lane parity (even, odd) for each of the three registers
+  constexpr int kPair[3][2] = {{0, 5}, {1, 4}, {2, 3}};
+  const __m512i swap02 = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15));
+  const __m512i swap03 = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 1, 6, 7, 2, 3, 4, 5, 8, 9, 14, 15, 10, 11, 12, 13));
   for (int64_t t = t0; t < t1; ++t) {
     uint32_t* out = pairs + t * groups * 6 * W;
-    const int64_t rows = std::min<int64_t>(W, a.batch - t * W);
-    for (int64_t g = 0; g < groups; ++g) {
-      uint32_t* o = out + g * 6 * W;
-      for (int64_t b = 0; b < rows; ++b) {
-        uint64_t q;
-        std::memcpy(&q, a.x16 + (t * W + b) * a.ldx + 4 * g, 8);
-        const uint32_t e0 = static_cast<uint32_t>(q & 0xFFFFu), e1 = static_cast<uint32_t>((q >> 16) & 0xFFFFu);
-        const uint32_t e2 = static_cast<uint32_t>((q >> 32) & 0xFFFFu), e3 = static_cast<uint32_t>(q >> 48);
-        o[0 * W + b] = e0 | e1 << 16;
-        o[1 * W + b] = e0 | e2 << 16;
-        o[2 * W + b] = e0 | e3 << 16;
-        o[3 * W + b] = e1 | e2 << 16;
-        o[4 * W + b] = e1 | e3 << 16;
-        o[5 * W + b] = e2 | e3 << 16;
+    for (int h = 0; h < NR; ++h) {
+      const int64_t b0 = t * W + 16 * h, rows = std::clamp<int64_t>(a.batch - b0, 0, 16);
+      // Row pointers advanced 8 groups per step; rows past the batch read a zero row.
+      alignas(64) static const uint16_t kZeroRow[32] = {};
+      const uint16_t* rowp[16];
+      int64_t step[16];
+      for (int j = 0; j < 16; ++j) {
+        rowp[j] = j < rows ? a.x16 + (b0 + j) * a.ldx : kZeroRow;
+        step[j] = j < rows ? 32 : 0;
       }
-      for (int64_t b = rows; b < W; ++b)
-        for (int p = 0; p < 6; ++p) o[p * W + b] = 0;
+      for (int64_t g8 = 0; g8 < groups; g8 += 8) {
+        const int64_t lanes = std::min<int64_t>(16, 2 * (groups - g8));
+        for (int q = 0; q < 3; ++q) {  // one register set at a time: 16 + 16 in flight
+          __m512i z[16];
+          for (int j = 0; j < 16; ++j) {
+            const __m512i row = _mm512_loadu_si512(rowp[j]);
+            z[j] = q == 0 ? row : _mm512_shuffle_epi8(row, q == 1 ? swap02 : swap03);
+          }
+          transpose16(z);
+          uint32_t* o = out + g8 * 6 * W + 16 * h;
+          if (lanes == 16) {
+            for (int l = 0; l < 16; ++l) _mm512_storeu_si512(o + (l / 2) * 6 * W + kPair[q][l & 1] * W, z[l]);
+          } else {
+            for (int64_t l = 0; l < lanes; ++l) {
+              _mm512_storeu_si512(o + (l / 2) * 6 * W + kPair[q][l & 1] * W, z[l]);
+            }
+          }
+        }
+        for (int j = 0; j < 16; ++j) rowp[j] += step[j];
+      }
     }
   }
 }
@@ -338,7 +388,7 @@ void forward_pairs(const SpmmArgs& a, int64_t r0, int64_t r1, const uint32_t* pa
   // Per thread: a block's rows packed at one K block, and its partial sums [tile][row][W].
   std::unique_ptr<uint32_t[]> wbuf(new uint32_t[block * kPairGroups]);
   std::unique_ptr<uint8_t[]> obuf(new uint8_t[block * kPairGroups]);
-  std::unique_ptr<float[]> c(new float[set * block * W]);
+  std::unique_ptr<float[]> c(new float[(set * block + 16) * W]);  // + 16: the last rows' transposes read past
   for (int64_t t0 = 0; t0 < tiles; t0 += set) {
     const int64_t t1 = std::min(t0 + set, tiles);
     for (int64_t rb = r0; rb < r1; rb += block) {
@@ -365,15 +415,27 @@ void forward_pairs(const SpmmArgs& a, int64_t r0, int64_t r1, const uint32_t* pa
         }
       }
       for (int64_t t = t0; t < t1; ++t) {
+        // 16 rows by 16 rows of x at a time, transposed in registers: y's rows are written
+        // 16 contiguous outputs at a time (rounded to bf16 by vcvtneps2bf16, nearest even).
         const float* ct = c.get() + (t - t0) * nr * W;
-        const int64_t nb = std::min<int64_t>(W, a.batch - t * W);
-        for (int64_t b = 0; b < nb; ++b) {  // along y's rows: contiguous writes
-          for (int64_t r = rb; r < re; ++r) {
-            const float v = ct[(r - rb) * W + b] + (a.bias != nullptr ? a.bias[r] : 0.f);
-            if (a.y16 != nullptr) {
-              a.y16[(t * W + b) * a.ldy + r] = float_to_bf16(v);
-            } else {
-              a.y[(t * W + b) * a.ldy + r] = v;
+        for (int64_t r = 0; r < nr; r += 16) {
+          const __mmask16 rm = static_cast<__mmask16>(nr - r >= 16 ? 0xFFFF : (1u << (nr - r)) - 1);
+          const __m512 bias = a.bias != nullptr ? _mm512_maskz_loadu_ps(rm, a.bias + rb + r)
+                                                : _mm512_setzero_ps();
+          for (int h = 0; h < NR; ++h) {
+            const int64_t b0 = t * W + 16 * h, nb = std::min<int64_t>(16, a.batch - b0);
+            if (nb <= 0) break;
+            __m512i v[16];
+            for (int i = 0; i < 16; ++i) v[i] = _mm512_castps_si512(_mm512_loadu_ps(ct + (r + i) * W + 16 * h));
+            transpose16(v);
+            for (int64_t j = 0; j < nb; ++j) {
+              const __m512 yv = _mm512_add_ps(_mm512_castsi512_ps(v[j]), bias);
+              if (a.y16 != nullptr) {
+                _mm256_mask_storeu_epi16(a.y16 + (b0 + j) * a.ldy + rb + r, rm,
+                                         reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(yv)));
+              } else {
+                _mm512_mask_storeu_ps(a.y + (b0 + j) * a.ldy + rb + r, rm, yv);
+              }
             }
           }
         }
