@@ -253,14 +253,15 @@ def test_best_variant_active_after_forced_tests():
     assert sk.build_info()["cpu_isa_active"] == best
 
 
-@pytest.mark.parametrize("rows", [1, 7, 8, 13, 300])
-@pytest.mark.parametrize("batch", [32, 33, 64, 95])
-@pytest.mark.parametrize("k", [4, 61, 128, 131, 256, 1000])
+@pytest.mark.parametrize("rows", [1, 3, 4, 13, 300])
+@pytest.mark.parametrize("batch", [64, 65, 130])
+@pytest.mark.parametrize("k", [4, 61, 64, 67, 256, 1000])
 def test_bf16_2_4_pair_gemm_every_remainder(isa, rows, batch, k):
-    # From batch 32 the avx512bf16 forward prepares x's column pairs per group and tile of 32
-    # rows of x, then runs 8 weight rows at a time over K blocks of 32 groups, rows in blocks
-    # of 256: every remainder of each (rows 300: two row blocks), K ending inside a block and
-    # inside a group, and inf at the pruned columns of x (only kept pairs are read).
+    # From batch 64 the avx512bf16 forward prepares x's column pairs per group and tile of 64
+    # rows of x, then runs 4 weight rows at a time over K blocks of 16 groups, rows in blocks
+    # of 128: every remainder of each (rows 300: three row blocks), K ending inside a block
+    # and inside a group, and inf at the pruned columns of x (only kept pairs are read).
+    # These weights are small: threads split the x tiles.
     t, x, gy, bias = operands((batch,), k, rows, 2, 4, torch.bfloat16)
     ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, 2, 4)
     x_inf = x.clone()
@@ -274,3 +275,14 @@ def test_bf16_2_4_pair_gemm_every_remainder(isa, rows, batch, k):
     y0 = ops.nm_linear(xs, t.values, t.metadata, None, k, 2, 4)
     ref0 = reference.nm_linear(x.double(), t.values.double(), t.metadata, None, k, 2, 4)
     assert rel_err(y0, ref0) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("rows,k", [(517, 2051), (300, 4100)])
+def test_bf16_2_4_pair_gemm_large_weight(isa, rows, k):
+    # Weights over 1 MB compressed: threads split the weight rows, every x tile's pairs
+    # prepared first; three tiles, odd rows and K.
+    t, x, gy, bias = operands((150,), k, rows, 2, 4, torch.bfloat16)
+    assert t.values.numel() * 2 + t.metadata.numel() > 1 << 20
+    ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, 2, 4)
+    y = ops.nm_linear(x, t.values, t.metadata, bias, k, 2, 4)
+    assert rel_err(y, ref) < TOL[torch.bfloat16]

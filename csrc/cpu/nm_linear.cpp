@@ -104,7 +104,7 @@ int64_t small_batch_limit() {
 int64_t bf16_pairs_batch() {
   static const int64_t limit = [] {
     const char* env = std::getenv("SPARSEKIT_CPU_BF16_PAIRS");
-    return env != nullptr ? std::atoll(env) : int64_t{32};
+    return env != nullptr ? std::atoll(env) : int64_t{kPairTileRows};
   }();
   return limit;
 }

@@ -189,66 +189,73 @@ void forward_2_4_bf16(const SpmmArgs& a, int64_t r0, int64_t r1, float* /*scratc
 // fp32 lanes, one per row of x. No permute per weight row: the preparation costs 6 stores
 // per group and row of x, paid once for every weight row, and every product instruction
 // does useful work on all its lanes (the permute kernel above spends one vpermt2w per
-// vdpbf16ps). Only NR = 2 (W = kPairTileRows = 32) is instantiated.
+// vdpbf16ps). W = kPairTileRows (spmm.h): 64, NR = 4.
 //
 // Blocking (per thread, rows [r0, r1)): x tiles in sets whose pairs stay in the L3
 // (kPairSetBytes); per set, weight rows in blocks of kPairBlockRows; per block, K in blocks
 // of kPairGroups groups, whose rows are unpacked once (values and pair offsets) and then run
 // kPairRows at a time over each x tile's pairs at that K block (24 KB: in L1). Partial sums
-// wait in a per-thread [tile][row][32] fp32 buffer between K blocks. Products are exact in
-// fp32 and summed in fp32 (subnormals flushed, as above).
+// wait in a per-thread [tile][row][W] fp32 buffer between K blocks; y is written through
+// 16x16 transposes. Products are exact in fp32 and summed in fp32 (subnormals flushed, as
+// above; the bf16 rounding of y flushes subnormal results too).
 //
-// Measured on Zen 4 (2 threads, weights past the LLC): about torch's bf16 GEMM speed from
-// batch 32 (0.9-1.2x across 4096x4096, 11008x4096, 4096x11008 at batch 32-512), where the
-// permute kernel above fell to 0.8x at batch 256. The limit is loads: each product
-// instruction reads its own 64 bytes of pairs (the pair depends on the row), and Zen 4 issues
-// one 512-bit load per cycle; a broadcast folded into vdpbf16ps ({1to16}) was 1.7x slower.
+// Measured on Zen 4 (2 threads): 1.2x torch's bf16 GEMM at batch 512 on 192x576 to
+// 1536x576 weights (in cache), about 1.0-1.1x on 4096x4096, 11008x4096 and 4096x11008 (past
+// the LLC), where the permute kernel above fell to 0.6-0.8x at batch 256-512. Its limit is
+// loads: each product instruction reads its own 64 bytes of pairs (the pair depends on the
+// weight row), and Zen 4 issues one 512-bit load per cycle. Four registers of x rows per
+// tile (W = 64) instead of two: 1.3x faster on the small weights, as the offset and
+// broadcast per weight row and group serve four products. A broadcast folded into
+// vdpbf16ps ({1to16}) was 1.7x slower than a separate one.
 namespace {
 
-constexpr int kPairRows = 8;                       // weight rows per register tile
-constexpr int64_t kPairGroups = 32;                // groups per K block (even)
-constexpr int64_t kPairBlockRows = 256;            // weight rows per block
+constexpr int kPairNR = kPairTileRows / 16;         // registers of x rows per tile
+constexpr int kPairRows = 16 / kPairNR;             // weight rows per register tile
+constexpr int64_t kPairGroups = 64 / kPairNR;      // groups per K block (even): 24 KB of pairs
+constexpr int64_t kPairBlockRows = 128;            // weight rows per block
 constexpr int64_t kPairSetBytes = 16 << 20;        // bytes of x pairs per set of x tiles
 
-// Metadata nibble (first kept index | second << 2) -> its pair, times W: the pair's offset in
-// uint32 units within a group's pairs (at most 5 * W, so W <= 48 fits a byte). A non-canonical nibble maps to pair 0: in bounds, and the products trust validated
-// metadata anyway.
-template <int W>
-inline __m128i pair_offset_table() {
-  static_assert(5 * W < 256, "offsets are bytes");
-  return _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1 * W, 3 * W, 0, 0, 2 * W, 4 * W, 5 * W, 0);
+// Metadata nibble (first kept index | second << 2) -> its pair (0..5). A non-canonical
+// nibble maps to pair 0: in bounds, and the products trust validated metadata anyway.
+inline __m128i pair_index_table() {
+  return _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 3, 0, 0, 2, 4, 5, 0);
 }
 
 // A block of weight rows at one K block, unpacked for the product: per row, the groups' two
-// kept values (one uint32 each) and their pairs' offsets (one byte each), kPairGroups of
+// kept values (one uint32 each) and their pairs' offsets (uint32 units), kPairGroups of
 // both, so the product reads them from one base pointer at constant offsets (eight row
 // pointers would not fit the registers beside the sums), and the offsets are decoded 32 at
 // a time instead of by one table lookup per group.
 struct PackedRows {
   uint32_t* w;    // [rows][kPairGroups]
-  uint8_t* off;   // [rows][kPairGroups]
+  uint16_t* off;  // [rows][kPairGroups]
 };
 
 template <int W>
 void pack_rows(const SpmmArgs& a, int64_t r0, int64_t r1, int64_t g0, int64_t ng, PackedRows p) {
   static_assert(kPairGroups == 16 || kPairGroups == 32, "one or two 16-lane copies of values");
+  static_assert(W == 32 || W == 64, "offsets are pair << log2(W)");
+  constexpr int kShift = W == 32 ? 5 : 6;
   const NMLayout& L = a.layout;
   const __mmask16 vlo = static_cast<__mmask16>(ng >= 16 ? 0xFFFF : (1u << ng) - 1);
   const __mmask16 vhi = static_cast<__mmask16>(ng >= 32 ? 0xFFFF : ng > 16 ? (1u << (ng - 16)) - 1 : 0);
   const __mmask16 mmask = static_cast<__mmask16>((1u << ((ng + 1) / 2)) - 1);
-  const __m128i table = pair_offset_table<W>(), nib = _mm_set1_epi8(0x0F);
+  const __m128i table = pair_index_table(), nib = _mm_set1_epi8(0x0F);
   const uint16_t* values = static_cast<const uint16_t*>(a.values);
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* v = values + r * L.values_per_row + 2 * g0;
     uint32_t* w = p.w + (r - r0) * kPairGroups;
-    uint8_t* off = p.off + (r - r0) * kPairGroups;
+    uint16_t* off = p.off + (r - r0) * kPairGroups;
     _mm512_storeu_si512(w, _mm512_maskz_loadu_epi32(vlo, v));
     if constexpr (kPairGroups == 32) _mm512_storeu_si512(w + 16, _mm512_maskz_loadu_epi32(vhi, v + 32));
     const __m128i m = _mm_maskz_loadu_epi8(mmask, a.metadata + r * L.meta_bytes_per_row + g0 / 2);
     const __m128i lo = _mm_and_si128(m, nib), hi = _mm_and_si128(_mm_srli_epi16(m, 4), nib);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(off), _mm_shuffle_epi8(table, _mm_unpacklo_epi8(lo, hi)));
+    auto offsets = [&](__m128i nibbles) {  // 16 groups' pairs -> 16 uint16 offsets
+      return _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_shuffle_epi8(table, nibbles)), kShift);
+    };
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(off), offsets(_mm_unpacklo_epi8(lo, hi)));
     if constexpr (kPairGroups == 32) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(off + 16), _mm_shuffle_epi8(table, _mm_unpackhi_epi8(lo, hi)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(off + 16), offsets(_mm_unpackhi_epi8(lo, hi)));
     }
   }
 }
@@ -256,7 +263,7 @@ void pack_rows(const SpmmArgs& a, int64_t r0, int64_t r1, int64_t g0, int64_t ng
 // MR packed rows times one x tile over ng groups: c[MR][W] fp32 holds the partial sums
 // (zero when `first`). xg: the tile's pairs at the K block's first group.
 template <int MR, int NR>
-inline void pair_tile(const uint32_t* w, const uint8_t* off, int64_t ng, const uint32_t* xg,
+inline void pair_tile(const uint32_t* w, const uint16_t* off, int64_t ng, const uint32_t* xg,
                       float* c, bool first) {
   constexpr int W = 16 * NR;
   constexpr int64_t G = 6 * W;  // uint32 per group of pairs
@@ -281,7 +288,7 @@ inline void pair_tile(const uint32_t* w, const uint8_t* off, int64_t ng, const u
 }
 
 template <int NR>
-void pair_rows(int64_t mr, const uint32_t* w, const uint8_t* off, int64_t ng, const uint32_t* xg,
+void pair_rows(int64_t mr, const uint32_t* w, const uint16_t* off, int64_t ng, const uint32_t* xg,
                float* c, bool first) {
   switch (mr) {
     case 8: pair_tile<8, NR>(w, off, ng, xg, c, first); break;
@@ -295,7 +302,7 @@ void pair_rows(int64_t mr, const uint32_t* w, const uint8_t* off, int64_t ng, co
     default: break;
   }
 }
-static_assert(kPairRows == 8, "pair_rows covers 1..8 rows");
+static_assert(kPairRows <= 8, "pair_rows covers 1..8 rows");
 
 // 16x16 transpose of 32-bit lanes: r[i] lane j -> r[j] lane i.
 inline void transpose16(__m512i (&r)[16]) {
@@ -387,7 +394,7 @@ void forward_pairs(const SpmmArgs& a, int64_t r0, int64_t r1, const uint32_t* pa
   const int64_t block = std::min<int64_t>(r1 - r0, kPairBlockRows);
   // Per thread: a block's rows packed at one K block, and its partial sums [tile][row][W].
   std::unique_ptr<uint32_t[]> wbuf(new uint32_t[block * kPairGroups]);
-  std::unique_ptr<uint8_t[]> obuf(new uint8_t[block * kPairGroups]);
+  std::unique_ptr<uint16_t[]> obuf(new uint16_t[block * kPairGroups]);
   std::unique_ptr<float[]> c(new float[(set * block + 16) * W]);  // + 16: the last rows' transposes read past
   for (int64_t t0 = 0; t0 < tiles; t0 += set) {
     const int64_t t1 = std::min(t0 + set, tiles);
@@ -398,7 +405,7 @@ void forward_pairs(const SpmmArgs& a, int64_t r0, int64_t r1, const uint32_t* pa
         pack_rows<W>(a, rb, re, g0, ng, {wbuf.get(), obuf.get()});
         for (int64_t t = t0; t < t1; ++t) {
           const uint32_t* xg = pairs + (t * groups + g0) * 6 * W;
-          // The next x tile's pairs (24 KB at NR = 2) are prefetched a slice per register
+          // The next x tile's pairs at this K block (24 KB) are prefetched a slice per register
           // tile, so the next tile's first rows do not wait for them.
           const bool more = t + 1 < t1;
           const char* next = reinterpret_cast<const char*>(xg + groups * 6 * W);
@@ -446,14 +453,14 @@ void forward_pairs(const SpmmArgs& a, int64_t r0, int64_t r1, const uint32_t* pa
 
 }  // namespace
 
-static_assert(kPairTileRows == 32, "x tiles of two 16-lane registers");
+static_assert(kPairTileRows == 32 || kPairTileRows == 64, "x tiles of 2 or 4 16-lane registers");
 
 void prepare_pairs_2_4_bf16(const SpmmArgs& a, int64_t t0, int64_t t1, uint32_t* pairs) {
-  prepare_pairs<2>(a, t0, t1, pairs);
+  prepare_pairs<kPairNR>(a, t0, t1, pairs);
 }
 
 void forward_2_4_bf16_pairs(const SpmmArgs& a, int64_t r0, int64_t r1, const uint32_t* pairs) {
-  forward_pairs<2>(a, r0, r1, pairs);
+  forward_pairs<kPairNR>(a, r0, r1, pairs);
 }
 
 }  // namespace spmm_avx512bf16

@@ -102,7 +102,7 @@ struct SpmmKernels {
   void (*forward_2_4_bf16_pairs)(const SpmmArgs&, int64_t, int64_t, const uint32_t*) = nullptr;
 };
 
-constexpr int kPairTileRows = 32;
+constexpr int kPairTileRows = 64;
 // uint32 words of prepared pairs per x tile.
 inline int64_t pair_words_2_4_bf16(const NMLayout& L) { return L.groups * 6 * kPairTileRows; }
 
