@@ -222,3 +222,57 @@ def test_sparse_conv2d_trains_through_the_kernel():
     assert torch.allclose(layer.values.grad, torch.gather(flat, 1, cols) * inside, rtol=1e-4,
                           atol=1e-5)
     assert torch.allclose(layer.bias.grad, dense.bias.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("c,kernel", [(3, (3, 3)), (16, (3, 3)), (17, (3, 3)), (33, (5, 5)),
+                                      (64, (7, 7)), (20, (1, 3)), (40, (2, 2)), (36, (1, 2)),
+                                      (512, (3, 3))])
+def test_decompress_taps_into_writes_the_standard_conv_weight(dtype, c, kernel):
+    # The NCHW dense path's weight: [rows, taps * C] compressed, [out, C_in, kh, kw] written.
+    # Channel counts around the 16-channel transposes (whole-vector stores overlap the next
+    # channels' taps), taps below 8, up to 16 and beyond (5x5, 7x7: two and four tap blocks);
+    # the row after `out` must stay untouched.
+    kh, kw = kernel
+    t, _, _ = conv_operands(0, c, 5, kernel, (1, 1), dtype=dtype)
+    k = kh * kw * c
+    out = torch.full((6, k), 7.0, dtype=dtype)
+    ops.nm_decompress_taps_into(t.values, t.metadata, k, 2, 4, kh * kw, out[:5])
+    assert torch.equal(out[:5].view(5, c, kh, kw), masked_dense(t, c, kernel).to(dtype))
+    assert (out[5] == 7).all()
+
+
+def test_decompress_taps_into_checks_its_arguments():
+    t, _, _ = conv_operands(0, 8, 3, (3, 3), (1, 1))
+    k = 72
+    with pytest.raises(ValueError, match="taps must be >= 1 and divide k"):
+        ops.nm_decompress_taps_into(t.values, t.metadata, k, 2, 4, 5, torch.empty(3, k))
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.nm_decompress_taps_into(t.values, t.metadata, k, 2, 4, 9, torch.empty(3, k + 1))
+    with pytest.raises(TypeError, match="out must have the values' dtype"):
+        ops.nm_decompress_taps_into(t.values, t.metadata, k, 2, 4, 9,
+                                    torch.empty(3, k, dtype=torch.float64))
+    bad = t.metadata.clone()
+    bad[1, 0] = 0x5 | (bad[1, 0] & 0xF0)  # row 1, group 0 keeps (1, 1)
+    with pytest.raises(ValueError, match="row 1, group 0"):
+        ops.nm_decompress_taps_into(t.values, bad, k, 2, 4, 9, torch.empty(3, k))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_dense_path_output_follows_the_input_memory_format(channels_last, kernel):
+    # As nn.Conv2d: an NCHW input gives an NCHW output (the kxk weight is written in the
+    # standard order for it), a channels-last input a channels-last output.
+    conv = nn.Conv2d(8, 6, kernel, padding=kernel // 2)
+    layer = sk.SparseConv2d.from_dense(conv)
+    layer.kernel_choice = "dense"
+    x = torch.randn(2, 8, 9, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = layer(x)
+    ref = nn.functional.conv2d(x.double(), layer.dense_weight().double(), conv.bias.double(),
+                               1, kernel // 2)
+    assert rel_err(y, ref) < 1e-5
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
