@@ -83,11 +83,6 @@ TORCH_LIBRARY(sparsekit, lib) {
   lib.def(
       "nm_decompress_into(Tensor values, Tensor metadata, int k, int n, int m, Tensor(a!) out) "
       "-> ()");
-  // The same for a convolution weight compressed as [rows, taps * C], written as
-  // [rows, C * taps] (standard [out, C_in, kh, kw]): the dense path for NCHW inputs.
-  lib.def(
-      "nm_decompress_taps_into(Tensor values, Tensor metadata, int k, int n, int m, int taps, "
-      "Tensor(a!) out) -> ()");
   lib.def("sp24_pack(Tensor values, Tensor metadata, int k) -> (Tensor, Tensor)");
   lib.def(
       "sp24_linear(Tensor x, Tensor packed_values, Tensor packed_meta, Tensor? bias, int rows, "

@@ -35,20 +35,14 @@ __all__ = ["SparseLinear", "SparseConv2d"]
 UNSTRUCTURED = "unstructured"
 
 
-def _needs_new_weight(values, *inputs) -> bool:
-    """Whether a dense-path call needs a new (differentiable) dense weight rather than the
-    scratch buffer: under torch.compile, on "meta", and with autograd (grad enabled and any
-    of values / inputs requiring grad), since backward keeps it."""
-    return (torch.compiler.is_compiling() or values.device.type == "meta" or
-            (torch.is_grad_enabled() and
-             any(t is not None and t.requires_grad for t in (values, *inputs))))
-
-
 def _dense_weight(rows, k, values, decompress, decompress_into, *inputs):
-    """The dense [rows, k] weight for a dense-path call: decompress() where
-    _needs_new_weight, otherwise decompress_into(out) of this thread's reused scratch buffer
-    (sparsekit.dispatch.scratch)."""
-    if _needs_new_weight(values, *inputs):
+    """The dense [rows, k] weight for a dense-path call: with autograd (grad enabled and any
+    of values / inputs requiring grad) a new differentiable tensor, decompress(), since
+    backward keeps it; otherwise decompress_into(out) of this thread's reused scratch
+    buffer (sparsekit.dispatch.scratch)."""
+    if (torch.compiler.is_compiling() or values.device.type == "meta" or
+            (torch.is_grad_enabled() and
+             any(t is not None and t.requires_grad for t in (values, *inputs)))):
         return decompress()
     return decompress_into(dispatch.scratch((rows, k), values.dtype, values.device))
 
@@ -510,20 +504,8 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
         """The dense candidate: the kept values decompressed (scratch buffer without
         autograd), viewed as [out, C_in, kh, kw], and torch's F.conv2d."""
         lin = self.linear
-        kh, kw = self.kernel_size
-        values = lin._parameters["values"]
-        if (kh * kw > 1 and not lin.unstructured and x.dim() == 4
-                and not x.is_contiguous(memory_format=torch.channels_last)
-                and not _needs_new_weight(values, x, lin.bias)):
-            # An NCHW input: the weight in the standard [out, C_in, kh, kw] order (transposed
-            # while decompressed), with which torch's NCHW convolution is faster than with the
-            # channels-last weight the compressed order gives, and whose output stays NCHW.
-            w = ops.nm_decompress_taps_into(
-                values, lin._buffers["metadata"], self.reduction, lin.n, lin.m, kh * kw,
-                dispatch.scratch((self.out_channels, self.reduction), values.dtype, values.device))
-            return nn.functional.conv2d(x, w.view(self.out_channels, self.in_channels, kh, kw),
-                                        lin.bias, self.stride, self.padding, self.dilation)
         w = lin._call_dense_weight(x)
+        kh, kw = self.kernel_size
         if kh == kw == 1:
             # [out, C_in] is already [out, C_in, 1, 1] with standard strides: a channels-last
             # looking view would make F.conv2d convert x (and its output) to channels-last.

@@ -22,7 +22,6 @@ import torch
 from . import _ext, reference
 
 __all__ = ["SCHEMAS", "nm_mask", "nm_compress", "nm_decompress", "nm_decompress_into",
-           "nm_decompress_taps_into",
            "nm_linear", "nm_linear_grad_input", "nm_sddmm", "nm_conv2d", "masked_linear",
            "masked_linear_grad_input", "masked_linear_grad_weight", "explain",
            "registered_kernels", "set_cpu_isa", "set_cuda_backend", "bitmask_compress",
@@ -66,8 +65,6 @@ SCHEMAS = {
 INTERNAL_SCHEMAS = {
     "nm_decompress_into": "nm_decompress_into(Tensor values, Tensor metadata, int k, int n, int m, "
                           "Tensor(a!) out) -> ()",
-    "nm_decompress_taps_into": "nm_decompress_taps_into(Tensor values, Tensor metadata, int k, int n, "
-                               "int m, int taps, Tensor(a!) out) -> ()",
     "bitmask_decompress_into": "bitmask_decompress_into(Tensor values, Tensor mask, Tensor offsets, "
                                "int k, Tensor(a!) out) -> ()",
     "sp24_pack": "sp24_pack(Tensor values, Tensor metadata, int k) -> (Tensor, Tensor)",
@@ -441,7 +438,7 @@ def _has_cpu_kernel(name: str) -> bool:
 
 # The in-place decompressions of a compiled build (internal ops, like sp24_*): a layer's
 # dense path writes into its scratch buffer with them. They return nothing.
-for _name in ("nm_decompress_into", "nm_decompress_taps_into", "bitmask_decompress_into"):
+for _name in ("nm_decompress_into", "bitmask_decompress_into"):
     if _schema_exists(_name):
         torch.library.register_fake(f"{NAMESPACE}::{_name}")(lambda *args: None)
 
@@ -464,19 +461,6 @@ def nm_decompress_into(values: torch.Tensor, metadata: torch.Tensor, k: int, n: 
     nm_decompress for gradients)."""
     return _into("nm_decompress_into", (values, metadata, k, n, m), out,
                  lambda: torch.ops.sparsekit.nm_decompress(values, metadata, k, n, m))
-
-
-def nm_decompress_taps_into(values: torch.Tensor, metadata: torch.Tensor, k: int, n: int, m: int,
-                            taps: int, out: torch.Tensor) -> torch.Tensor:
-    """For a convolution weight compressed as [rows, taps * C] (kernel positions outer,
-    channels inner): writes the dense weight into `out` [rows, k] as [rows, C, taps], the
-    standard [out, C_in, kh, kw] order, and returns it. The compiled CPU kernel writes in
-    place; other devices, or a build without the extension, decompress and copy. Not
-    differentiable."""
-    def decompress():
-        dense = torch.ops.sparsekit.nm_decompress(values, metadata, k, n, m)
-        return dense.view(-1, taps, k // taps).transpose(1, 2).reshape(-1, k)
-    return _into("nm_decompress_taps_into", (values, metadata, k, n, m, taps), out, decompress)
 
 
 def _dispatch_key(device: torch.device) -> str:

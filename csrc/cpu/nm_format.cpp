@@ -6,7 +6,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <vector>
 #include <cstdio>
 #include <type_traits>
 #include <limits>
@@ -494,118 +493,6 @@ void nm_decompress_into_cpu(const at::Tensor& values, const at::Tensor& metadata
 }
 
 
-// One row [taps][c] (fp32) into [c][taps]: 16 channels by up to 16 taps per 16x16 register
-// transpose (rows past the taps are zero and never stored).
-#ifdef SPARSEKIT_X86
-__attribute__((target("avx512f"))) void transpose_taps_f32_avx512(const float* src, float* dst,
-                                                                  int64_t taps, int64_t c) {
-  for (int64_t c0 = 0; c0 < c; c0 += 16) {
-    const int64_t nc = std::min<int64_t>(16, c - c0);
-    const __mmask16 cm = static_cast<__mmask16>(nc == 16 ? 0xFFFF : (1u << nc) - 1);
-    for (int64_t t0 = 0; t0 < taps; t0 += 16) {
-      const int64_t nt = std::min<int64_t>(16, taps - t0);
-      const __mmask16 tm = static_cast<__mmask16>(nt == 16 ? 0xFFFF : (1u << nt) - 1);
-      __m512 r[16], t[16];
-      for (int i = 0; i < 16; ++i) {
-        r[i] = i < nt ? _mm512_maskz_loadu_ps(cm, src + (t0 + i) * c + c0) : _mm512_setzero_ps();
-      }
-      for (int i = 0; i < 8; ++i) {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-      }
-      for (int i = 0; i < 4; ++i) {
-        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
-        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
-        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
-        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
-      }
-      for (int h = 0; h < 2; ++h) {
-        for (int i = 0; i < 4; ++i) {
-          t[8 * h + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + i + 4], 0x88);
-          t[8 * h + i + 4] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + i + 4], 0xDD);
-        }
-      }
-      for (int i = 0; i < 8; ++i) {
-        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-      }
-      if (taps <= 16 && c0 + 16 < c && (c - c0 - 16) * taps >= 16 - taps) {
-        // A channel's taps end where the next channel's begin: whole-vector stores in
-        // channel order, each one's lanes past the taps overwritten by the next (the last
-        // by the next 16 channels, which hold at least 16 - taps entries).
-        for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + (c0 + j) * taps, r[j]);
-      } else {
-        for (int64_t j = 0; j < nc; ++j) _mm512_mask_storeu_ps(dst + (c0 + j) * taps + t0, tm, r[j]);
-      }
-    }
-  }
-}
-#endif
-
-// (values, metadata) of a convolution weight compressed as [rows, taps * c] (taps = kh * kw
-// outer, channels inner: N:M along the channels at each kernel position) written into `out`
-// [rows, c * taps]: the standard [out, C_in, kh, kw] layout. torch's NCHW convolution is
-// faster with it than with the channels-last weight the compressed order gives directly
-// (1.6 vs 2.3-2.5 ms for 512->512 3x3 at 7x7, batch 1, on this repository's Zen 4). Each row
-// is decompressed into a per-thread buffer, then transposed (16x16 register transposes for
-// fp32; a scalar loop for 16-bit entries).
-void nm_decompress_taps_into_cpu(const at::Tensor& values_in, const at::Tensor& metadata_in,
-                                 int64_t k, int64_t n, int64_t m, int64_t taps, at::Tensor out) {
-  const NMLayout L = check_compressed(values_in, metadata_in, k, n, m);
-  TORCH_CHECK_VALUE(taps >= 1 && k % taps == 0, "taps must be >= 1 and divide k=", k, ", got ", taps);
-  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == values_in.size(0) && out.size(1) == k,
-                    "out must have shape [", values_in.size(0), ", ", k, "], got ", out.sizes());
-  TORCH_CHECK_TYPE(out.scalar_type() == values_in.scalar_type(), "out must have the values' dtype ",
-                   values_in.scalar_type(), ", got ", out.scalar_type());
-  TORCH_CHECK_VALUE(out.device() == values_in.device() && out.is_contiguous(),
-                    "out must be a contiguous tensor on ", values_in.device());
-  const at::Tensor values = values_in.contiguous();
-  const at::Tensor metadata = metadata_in.contiguous();
-  const int64_t rows = values.size(0), c = k / taps;
-  std::atomic<int64_t> bad{kNone};
-  dispatch_bits(values, [&](auto zero_bits) {
-    using Bits = decltype(zero_bits);
-    const Bits* vals = static_cast<const Bits*>(values.const_data_ptr());
-    const uint8_t* meta = metadata.const_data_ptr<uint8_t>();
-    Bits* dst = static_cast<Bits*>(out.data_ptr());
-    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-      std::vector<Bits> row(static_cast<size_t>(L.groups * L.m));
-      for (int64_t r = r0; r < r1; ++r) {
-        const Bits* v = vals + r * L.values_per_row;
-        const uint8_t* mt = meta + r * L.meta_bytes_per_row;
-        int64_t g = -1;
-#ifdef SPARSEKIT_X86
-        if (n == 2 && m == 4 && L.k % 8 == 0 && sizeof(Bits) <= 4 && cpu_has_avx512_vbmi2()) {
-          g = decompress_2_4_flat_avx512<sizeof(Bits) == 2 ? 2 : 4>(v, mt, row.data(), 0, L.k / 8, false);
-        } else
-#endif
-        {
-          dispatch_pattern(n, m, [&](auto kN, auto kM) {
-            for (int64_t ch = 0; ch < L.chunks_per_row && g < 0; ++ch) {
-              g = decompress_chunk<Bits, kN.value, kM.value>(v, mt, row.data(), L, ch);
-            }
-          });
-        }
-        if (g >= 0) {
-          atomic_min(bad, r * L.groups + g);
-          return;
-        }
-        Bits* o = dst + r * k;
-#ifdef SPARSEKIT_X86
-        if (sizeof(Bits) == 4 && cpu_has_avx512_vbmi2()) {
-          transpose_taps_f32_avx512(reinterpret_cast<const float*>(row.data()),
-                                    reinterpret_cast<float*>(o), taps, c);
-          continue;
-        }
-#endif
-        for (int64_t ci = 0; ci < c; ++ci)
-          for (int64_t t = 0; t < taps; ++t) o[ci * taps + t] = row[t * c + ci];
-      }
-    });
-  });
-  if (bad.load() != kNone) raise_bad_metadata(bad.load(), L);
-}
-
 at::Tensor nm_mask_cpu(const at::Tensor& scores_in, int64_t n, int64_t m, bool absolute) {
   check_pattern(n, m);
   check_float_matrix(scores_in, "scores");
@@ -660,7 +547,6 @@ TORCH_LIBRARY_IMPL(sparsekit, CPU, lib) {
   lib.impl("nm_compress", &nm_compress_cpu);
   lib.impl("nm_decompress", &nm_decompress_cpu);
   lib.impl("nm_decompress_into", &nm_decompress_into_cpu);
-  lib.impl("nm_decompress_taps_into", &nm_decompress_taps_into_cpu);
 }
 
 }  // namespace sparsekit
