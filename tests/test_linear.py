@@ -280,7 +280,8 @@ def test_bf16_2_4_pair_gemm_every_remainder(isa, rows, batch, k):
 @pytest.mark.parametrize("rows,k", [(517, 2051), (300, 4100)])
 def test_bf16_2_4_pair_gemm_large_weight(isa, rows, k):
     # Weights over 1 MB compressed: threads split the weight rows, every x tile's pairs
-    # prepared first; three tiles, odd rows and K.
+    # prepared first, in tiles of 32 rows of x (two registers; small weights: 64, four);
+    # five tiles, odd rows and K.
     t, x, gy, bias = operands((150,), k, rows, 2, 4, torch.bfloat16)
     assert t.values.numel() * 2 + t.metadata.numel() > 1 << 20
     ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, 2, 4)

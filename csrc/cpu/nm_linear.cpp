@@ -104,7 +104,7 @@ int64_t small_batch_limit() {
 int64_t bf16_pairs_batch() {
   static const int64_t limit = [] {
     const char* env = std::getenv("SPARSEKIT_CPU_BF16_PAIRS");
-    return env != nullptr ? std::atoll(env) : int64_t{kPairTileRows};
+    return env != nullptr ? std::atoll(env) : int64_t{64};
   }();
   return limit;
 }
@@ -112,6 +112,23 @@ int64_t bf16_pairs_batch() {
 // Compressed weights up to this size run the pair GEMM split by x tiles (each thread reads
 // the whole weight from its cache); larger ones split by weight rows.
 constexpr int64_t kPairSmallWeightBytes = 1 << 20;
+// Their x tiles: 32 rows (two registers per weight row and group). Measured against 64 on
+// 4096x4096, 11008x4096 and 4096x11008 at batch 64-512 (two alternating runs each, noisy):
+// 0.97x against 0.92x dense on average.
+constexpr int kPairLargeWeightTile = 32;
+
+// The pair GEMM's rows of x per tile: 64 (four registers per weight row and group) for
+// small weights, kPairLargeWeightTile for those split by rows (SPARSEKIT_CPU_BF16_PAIR_TILE=32
+// or 64 forces one).
+int pair_tile_for(bool split_by_tiles) {
+  static const int forced = [] {
+    const char* env = std::getenv("SPARSEKIT_CPU_BF16_PAIR_TILE");
+    return env != nullptr ? std::atoi(env) : 0;
+  }();
+  if (forced == 32 || forced == 64) return forced;
+  return split_by_tiles ? 64 : kPairLargeWeightTile;
+}
+
 
 // The calling thread's buffer for x's prepared pairs (grown, never shrunk: a fresh
 // allocation of several MB per call cost page faults on every call).
@@ -267,25 +284,27 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     a.y16 = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
     if (kern.forward_2_4_bf16_pairs != nullptr && batch >= bf16_pairs_batch()) {
       // Many rows of x: prepare x's column pairs once, then the pair GEMM.
-      const int64_t tiles = (batch + kPairTileRows - 1) / kPairTileRows;
       const int64_t weight_bytes = rows * (2 * L.values_per_row + L.meta_bytes_per_row);
-      if (weight_bytes <= kPairSmallWeightBytes && tiles > 1) {
+      const bool by_tiles = weight_bytes <= kPairSmallWeightBytes && batch > 64;
+      a.pair_tile = pair_tile_for(by_tiles);
+      const int64_t tile = a.pair_tile, tiles = (batch + tile - 1) / tile;
+      if (by_tiles && tiles > 1) {
         // A small weight (every thread reads it from its cache): threads split the x tiles,
         // each preparing one tile's pairs into its own buffer and using them at once (in
         // L2), instead of all tiles' pairs written to memory and read back by every thread.
         at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-          uint32_t* pp = pair_scratch(pair_words_2_4_bf16(L));
+          uint32_t* pp = pair_scratch(pair_words_2_4_bf16(L, a.pair_tile));
           for (int64_t t = t0; t < t1; ++t) {
             SpmmArgs at = a;
-            at.x16 += t * kPairTileRows * a.ldx;
-            at.y16 += t * kPairTileRows * a.ldy;
-            at.batch = std::min<int64_t>(kPairTileRows, batch - t * kPairTileRows);
+            at.x16 += t * tile * a.ldx;
+            at.y16 += t * tile * a.ldy;
+            at.batch = std::min<int64_t>(tile, batch - t * tile);
             kern.prepare_pairs_2_4_bf16(at, 0, 1, pp);
             kern.forward_2_4_bf16_pairs(at, 0, rows, pp);
           }
         });
       } else {
-        uint32_t* pp = pair_scratch(tiles * pair_words_2_4_bf16(L));
+        uint32_t* pp = pair_scratch(tiles * pair_words_2_4_bf16(L, a.pair_tile));
         at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
           kern.prepare_pairs_2_4_bf16(a, t0, t1, pp);
         });

@@ -189,7 +189,7 @@ void forward_2_4_bf16(const SpmmArgs& a, int64_t r0, int64_t r1, float* /*scratc
 // fp32 lanes, one per row of x. No permute per weight row: the preparation costs 6 stores
 // per group and row of x, paid once for every weight row, and every product instruction
 // does useful work on all its lanes (the permute kernel above spends one vpermt2w per
-// vdpbf16ps). W = kPairTileRows (spmm.h): 64, NR = 4.
+// vdpbf16ps). W = SpmmArgs::pair_tile: 32 (NR = 2) or 64 (NR = 4).
 //
 // Blocking (per thread, rows [r0, r1)): x tiles in sets whose pairs stay in the L3
 // (kPairSetBytes); per set, weight rows in blocks of kPairBlockRows; per block, K in blocks
@@ -205,13 +205,17 @@ void forward_2_4_bf16(const SpmmArgs& a, int64_t r0, int64_t r1, float* /*scratc
 // loads: each product instruction reads its own 64 bytes of pairs (the pair depends on the
 // weight row), and Zen 4 issues one 512-bit load per cycle. Four registers of x rows per
 // tile (W = 64) instead of two: 1.3x faster on the small weights, as the offset and
-// broadcast per weight row and group serve four products. A broadcast folded into
+// broadcast per weight row and group serve four products (weights split by rows run
+// W = 32: nm_linear.cpp). A broadcast folded into
 // vdpbf16ps ({1to16}) was 1.7x slower than a separate one.
 namespace {
 
-constexpr int kPairNR = kPairTileRows / 16;         // registers of x rows per tile
-constexpr int kPairRows = 16 / kPairNR;             // weight rows per register tile
-constexpr int64_t kPairGroups = 64 / kPairNR;      // groups per K block (even): 24 KB of pairs
+// Per NR (registers of x rows per tile: 2 or 4): weight rows per register tile (16
+// accumulators) and groups per K block (24 KB of pairs, even).
+template <int NR>
+constexpr int kPairRows = 16 / NR;
+template <int NR>
+constexpr int64_t kPairGroups = 64 / NR;
 constexpr int64_t kPairBlockRows = 128;            // weight rows per block
 constexpr int64_t kPairSetBytes = 16 << 20;        // bytes of x pairs per set of x tiles
 
@@ -227,13 +231,14 @@ inline __m128i pair_index_table() {
 // pointers would not fit the registers beside the sums), and the offsets are decoded 32 at
 // a time instead of by one table lookup per group.
 struct PackedRows {
-  uint32_t* w;    // [rows][kPairGroups]
-  uint16_t* off;  // [rows][kPairGroups]
+  uint32_t* w;    // [rows][kPairGroups<NR>]
+  uint16_t* off;  // [rows][kPairGroups<NR>]
 };
 
 template <int W>
 void pack_rows(const SpmmArgs& a, int64_t r0, int64_t r1, int64_t g0, int64_t ng, PackedRows p) {
-  static_assert(kPairGroups == 16 || kPairGroups == 32, "one or two 16-lane copies of values");
+  constexpr int64_t KG = kPairGroups<W / 16>;
+  static_assert(KG == 16 || KG == 32, "one or two 16-lane copies of values");
   static_assert(W == 32 || W == 64, "offsets are pair << log2(W)");
   constexpr int kShift = W == 32 ? 5 : 6;
   const NMLayout& L = a.layout;
@@ -244,17 +249,17 @@ void pack_rows(const SpmmArgs& a, int64_t r0, int64_t r1, int64_t g0, int64_t ng
   const uint16_t* values = static_cast<const uint16_t*>(a.values);
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* v = values + r * L.values_per_row + 2 * g0;
-    uint32_t* w = p.w + (r - r0) * kPairGroups;
-    uint16_t* off = p.off + (r - r0) * kPairGroups;
+    uint32_t* w = p.w + (r - r0) * KG;
+    uint16_t* off = p.off + (r - r0) * KG;
     _mm512_storeu_si512(w, _mm512_maskz_loadu_epi32(vlo, v));
-    if constexpr (kPairGroups == 32) _mm512_storeu_si512(w + 16, _mm512_maskz_loadu_epi32(vhi, v + 32));
+    if constexpr (KG == 32) _mm512_storeu_si512(w + 16, _mm512_maskz_loadu_epi32(vhi, v + 32));
     const __m128i m = _mm_maskz_loadu_epi8(mmask, a.metadata + r * L.meta_bytes_per_row + g0 / 2);
     const __m128i lo = _mm_and_si128(m, nib), hi = _mm_and_si128(_mm_srli_epi16(m, 4), nib);
     auto offsets = [&](__m128i nibbles) {  // 16 groups' pairs -> 16 uint16 offsets
       return _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_shuffle_epi8(table, nibbles)), kShift);
     };
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(off), offsets(_mm_unpacklo_epi8(lo, hi)));
-    if constexpr (kPairGroups == 32) {
+    if constexpr (KG == 32) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(off + 16), offsets(_mm_unpackhi_epi8(lo, hi)));
     }
   }
@@ -275,8 +280,8 @@ inline void pair_tile(const uint32_t* w, const uint16_t* off, int64_t ng, const 
     const uint32_t* x0 = xg + g * G;
     for (int i = 0; i < MR; ++i) {
       const __m512bh wv =
-          reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(w[i * kPairGroups + g])));
-      const uint32_t* xp = x0 + off[i * kPairGroups + g];
+          reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(w[i * kPairGroups<NR> + g])));
+      const uint32_t* xp = x0 + off[i * kPairGroups<NR> + g];
       for (int j = 0; j < NR; ++j) {
         acc[i][j] = _mm512_dpbf16_ps(acc[i][j],
                                      reinterpret_cast<__m512bh>(_mm512_loadu_si512(xp + 16 * j)), wv);
@@ -302,7 +307,7 @@ void pair_rows(int64_t mr, const uint32_t* w, const uint16_t* off, int64_t ng, c
     default: break;
   }
 }
-static_assert(kPairRows <= 8, "pair_rows covers 1..8 rows");
+static_assert(kPairRows<2> <= 8 && kPairRows<4> <= 8, "pair_rows covers 1..8 rows");
 
 // 16x16 transpose of 32-bit lanes: r[i] lane j -> r[j] lane i.
 inline void transpose16(__m512i (&r)[16]) {
@@ -393,15 +398,15 @@ void forward_pairs(const SpmmArgs& a, int64_t r0, int64_t r1, const uint32_t* pa
   const int64_t set = std::clamp<int64_t>(kPairSetBytes / tile_bytes, 1, tiles);
   const int64_t block = std::min<int64_t>(r1 - r0, kPairBlockRows);
   // Per thread: a block's rows packed at one K block, and its partial sums [tile][row][W].
-  std::unique_ptr<uint32_t[]> wbuf(new uint32_t[block * kPairGroups]);
-  std::unique_ptr<uint16_t[]> obuf(new uint16_t[block * kPairGroups]);
+  std::unique_ptr<uint32_t[]> wbuf(new uint32_t[block * kPairGroups<NR>]);
+  std::unique_ptr<uint16_t[]> obuf(new uint16_t[block * kPairGroups<NR>]);
   std::unique_ptr<float[]> c(new float[(set * block + 16) * W]);  // + 16: the last rows' transposes read past
   for (int64_t t0 = 0; t0 < tiles; t0 += set) {
     const int64_t t1 = std::min(t0 + set, tiles);
     for (int64_t rb = r0; rb < r1; rb += block) {
       const int64_t re = std::min(rb + block, r1), nr = re - rb;
-      for (int64_t g0 = 0; g0 < groups; g0 += kPairGroups) {
-        const int64_t ng = std::min(kPairGroups, groups - g0);
+      for (int64_t g0 = 0; g0 < groups; g0 += kPairGroups<NR>) {
+        const int64_t ng = std::min(kPairGroups<NR>, groups - g0);
         pack_rows<W>(a, rb, re, g0, ng, {wbuf.get(), obuf.get()});
         for (int64_t t = t0; t < t1; ++t) {
           const uint32_t* xg = pairs + (t * groups + g0) * 6 * W;
@@ -409,14 +414,14 @@ void forward_pairs(const SpmmArgs& a, int64_t r0, int64_t r1, const uint32_t* pa
           // tile, so the next tile's first rows do not wait for them.
           const bool more = t + 1 < t1;
           const char* next = reinterpret_cast<const char*>(xg + groups * 6 * W);
-          const int64_t lines = ng * 6 * W * 4 / 64, per = (lines * kPairRows + nr - 1) / nr;
-          for (int64_t r = 0; r < nr; r += kPairRows) {
+          const int64_t lines = ng * 6 * W * 4 / 64, per = (lines * kPairRows<NR> + nr - 1) / nr;
+          for (int64_t r = 0; r < nr; r += kPairRows<NR>) {
             if (more) {
-              const int64_t l1 = std::min(lines, (r / kPairRows + 1) * per);
-              for (int64_t l = r / kPairRows * per; l < l1; ++l) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+              const int64_t l1 = std::min(lines, (r / kPairRows<NR> + 1) * per);
+              for (int64_t l = r / kPairRows<NR> * per; l < l1; ++l) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
             }
-            pair_rows<NR>(std::min<int64_t>(kPairRows, nr - r), wbuf.get() + r * kPairGroups,
-                          obuf.get() + r * kPairGroups, ng, xg, c.get() + ((t - t0) * nr + r) * W,
+            pair_rows<NR>(std::min<int64_t>(kPairRows<NR>, nr - r), wbuf.get() + r * kPairGroups<NR>,
+                          obuf.get() + r * kPairGroups<NR>, ng, xg, c.get() + ((t - t0) * nr + r) * W,
                           g0 == 0);
           }
         }
@@ -453,14 +458,20 @@ void forward_pairs(const SpmmArgs& a, int64_t r0, int64_t r1, const uint32_t* pa
 
 }  // namespace
 
-static_assert(kPairTileRows == 32 || kPairTileRows == 64, "x tiles of 2 or 4 16-lane registers");
-
 void prepare_pairs_2_4_bf16(const SpmmArgs& a, int64_t t0, int64_t t1, uint32_t* pairs) {
-  prepare_pairs<kPairNR>(a, t0, t1, pairs);
+  if (a.pair_tile == 32) {
+    prepare_pairs<2>(a, t0, t1, pairs);
+  } else {
+    prepare_pairs<4>(a, t0, t1, pairs);
+  }
 }
 
 void forward_2_4_bf16_pairs(const SpmmArgs& a, int64_t r0, int64_t r1, const uint32_t* pairs) {
-  forward_pairs<kPairNR>(a, r0, r1, pairs);
+  if (a.pair_tile == 32) {
+    forward_pairs<2>(a, r0, r1, pairs);
+  } else {
+    forward_pairs<4>(a, r0, r1, pairs);
+  }
 }
 
 }  // namespace spmm_avx512bf16

@@ -45,6 +45,7 @@ struct SpmmArgs {
   const uint16_t* x16 = nullptr;
   int64_t batch = 0;
   uint16_t* y16 = nullptr;  // if set, y is written here as bf16 instead of to y (same ldy)
+  int pair_tile = 64;       // the pair GEMM's rows of x per tile: 32 or 64
 };
 
 // 2:4 metadata byte -> the kept columns of its two groups within their 8 columns, one
@@ -95,16 +96,15 @@ struct SpmmKernels {
   // over rows [r0, r1) (SpmmArgs::x16, batch, y); null where the ISA has none.
   RowKernel forward_2_4_bf16 = nullptr;
   // The same product for many rows of x (the pair GEMM of sp24_bf16_avx512.cpp): x in tiles
-  // of kPairTileRows rows, each prepared once into per-group column pairs
+  // of SpmmArgs::pair_tile rows, each prepared once into per-group column pairs
   // (prepare_pairs_2_4_bf16 over tiles [t0, t1), pair_words_2_4_bf16 uint32 per tile), then
   // forward_2_4_bf16_pairs over weight rows [r0, r1).
   void (*prepare_pairs_2_4_bf16)(const SpmmArgs&, int64_t, int64_t, uint32_t*) = nullptr;
   void (*forward_2_4_bf16_pairs)(const SpmmArgs&, int64_t, int64_t, const uint32_t*) = nullptr;
 };
 
-constexpr int kPairTileRows = 64;
-// uint32 words of prepared pairs per x tile.
-inline int64_t pair_words_2_4_bf16(const NMLayout& L) { return L.groups * 6 * kPairTileRows; }
+// uint32 words of prepared pairs per x tile of `tile` rows.
+inline int64_t pair_words_2_4_bf16(const NMLayout& L, int tile) { return L.groups * 6 * tile; }
 
 // Defined in spmm_<isa>.cpp; the AVX ones only on x86 builds.
 const SpmmKernels& spmm_kernels_scalar();
