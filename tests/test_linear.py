@@ -226,13 +226,10 @@ def test_double_backward_through_nm_linear():
                                         (x, values))
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 6, 9])
-@pytest.mark.parametrize("batch", [1, 2, 4, 5, 7, 11])
-@pytest.mark.parametrize("k", [4, 61, 64, 127, 192, 257])
-def test_bf16_2_4_every_row_and_batch_remainder(isa, rows, batch, k):
-    # The bf16 dot-product forward (avx512bf16) works on 4 weight rows by 4 rows of x and
-    # 64-column chunks: every remainder of each, and K ending inside a chunk and a group.
-    # Inf at pruned columns of x must not reach y (only kept entries are gathered).
+def check_bf16_2_4_with_inf_at_pruned_columns(batch, k, rows):
+    """nm_linear of a bf16 2:4 weight against the fp64 reference, with inf in the columns of
+    x that every row pruned: only kept entries may be read, so y stays finite. Returns the
+    weight and the finite x."""
     t, x, gy, bias = operands((batch,), k, rows, 2, 4, torch.bfloat16)
     ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, 2, 4)
     x_inf = x.clone()
@@ -240,6 +237,17 @@ def test_bf16_2_4_every_row_and_batch_remainder(isa, rows, batch, k):
     y = ops.nm_linear(x_inf, t.values, t.metadata, bias, k, 2, 4)
     assert torch.isfinite(y).all()
     assert rel_err(y, ref) < TOL[torch.bfloat16]
+    return t, x
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 9])
+@pytest.mark.parametrize("batch", [1, 2, 4, 5, 7, 11])
+@pytest.mark.parametrize("k", [4, 61, 64, 127, 192, 257])
+def test_bf16_2_4_every_row_and_batch_remainder(isa, rows, batch, k):
+    # The bf16 dot-product forward (avx512bf16) works on 4 weight rows by 4 rows of x and
+    # 64-column chunks: every remainder of each, and K ending inside a chunk and a group.
+    # Inf at pruned columns of x must not reach y (only kept entries are gathered).
+    check_bf16_2_4_with_inf_at_pruned_columns(batch, k, rows)
 
 
 def test_isa_fixture_forces_the_variant(isa):
@@ -262,13 +270,7 @@ def test_bf16_2_4_pair_gemm_every_remainder(isa, rows, batch, k):
     # of 128: every remainder of each (rows 300: three row blocks), K ending inside a block
     # and inside a group, and inf at the pruned columns of x (only kept pairs are read).
     # These weights are small: threads split the x tiles.
-    t, x, gy, bias = operands((batch,), k, rows, 2, 4, torch.bfloat16)
-    ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, 2, 4)
-    x_inf = x.clone()
-    x_inf[:, t.to_dense().ne(0).sum(0).eq(0)] = float("inf")
-    y = ops.nm_linear(x_inf, t.values, t.metadata, bias, k, 2, 4)
-    assert torch.isfinite(y).all()
-    assert rel_err(y, ref) < TOL[torch.bfloat16]
+    t, x = check_bf16_2_4_with_inf_at_pruned_columns(batch, k, rows)
     # Without bias, and with x as a strided view (copied into whole 64-column rows first).
     xs = torch.stack([x, -x], 2).flatten(1)[:, ::2]
     assert torch.equal(xs, x)

@@ -295,11 +295,16 @@ inline void pair_tile(const uint32_t* w, const uint16_t* off, int64_t ng, const 
 template <int NR>
 void pair_rows(int64_t mr, const uint32_t* w, const uint16_t* off, int64_t ng, const uint32_t* xg,
                float* c, bool first) {
+  if constexpr (kPairRows<NR> == 8) {  // only instantiated where a tile has 8 rows
+    switch (mr) {
+      case 8: pair_tile<8, NR>(w, off, ng, xg, c, first); return;
+      case 7: pair_tile<7, NR>(w, off, ng, xg, c, first); return;
+      case 6: pair_tile<6, NR>(w, off, ng, xg, c, first); return;
+      case 5: pair_tile<5, NR>(w, off, ng, xg, c, first); return;
+      default: break;
+    }
+  }
   switch (mr) {
-    case 8: pair_tile<8, NR>(w, off, ng, xg, c, first); break;
-    case 7: pair_tile<7, NR>(w, off, ng, xg, c, first); break;
-    case 6: pair_tile<6, NR>(w, off, ng, xg, c, first); break;
-    case 5: pair_tile<5, NR>(w, off, ng, xg, c, first); break;
     case 4: pair_tile<4, NR>(w, off, ng, xg, c, first); break;
     case 3: pair_tile<3, NR>(w, off, ng, xg, c, first); break;
     case 2: pair_tile<2, NR>(w, off, ng, xg, c, first); break;
