@@ -28,6 +28,12 @@ struct ConvArgs {
   const int64_t* seg;
   const int64_t* seg_begin;
   int64_t blocks;
+  // When C_in % M == 0 a segment's groups sit at one kernel position, and reduction index
+  // k of a segment starting at group g0 reads xq + koff[g0 * M] + (k - g0 * M) * cstride:
+  // the kernels then step a pointer instead of reading koff per kept weight (koff's int64
+  // entries, 8 bytes per reduction index, would crowd the input window out of L1). 0 when
+  // groups cross kernel positions (koff per index).
+  int64_t cstride;
 };
 
 constexpr int kMaxConvRegs = 16;  // pixel vectors per tile: entries 1..16 (null above max)

@@ -63,12 +63,15 @@ void conv_tile_typed(const ConvArgs& a, int64_t q0, int64_t r0, int64_t r1, floa
       const int64_t vrow = r * L.values_per_row;
       for (int64_t s = a.seg_begin[blk]; s < a.seg_begin[blk + 1]; ++s) {
         const int64_t g0 = a.seg[2 * s], g1 = a.seg[2 * s + 1];
+        // With a channel stride (conv.h) the segment's reads step from its first index.
+        const int64_t cs = a.cstride;
+        const float* xg = x + a.koff[g0 * L.m];
         if constexpr (kIs24) {
           // One metadata nibble per group: low 2 bits the first kept index (DESIGN.md).
-          for (int64_t g = g0; g < g1; ++g) {
+          for (int64_t g = g0; g < g1; ++g, xg += 4 * cs) {
             const uint32_t nib = (static_cast<uint32_t>(meta[g >> 1]) >> ((g & 1) << 2)) & 0xFu;
-            const float* x0 = x + a.koff[4 * g + (nib & 3u)];
-            const float* x1 = x + a.koff[4 * g + (nib >> 2)];
+            const float* x0 = cs != 0 ? xg + static_cast<int64_t>(nib & 3u) * cs : x + a.koff[4 * g + (nib & 3u)];
+            const float* x1 = cs != 0 ? xg + static_cast<int64_t>(nib >> 2) * cs : x + a.koff[4 * g + (nib >> 2)];
             const reg w0 = V::bcast(conv_value<VT>(a.values, vrow + 2 * g));
             const reg w1 = V::bcast(conv_value<VT>(a.values, vrow + 2 * g + 1));
             for (int t = 0; t < NB; ++t) acc[0][t] = V::fma(w0, V::load(x0 + t * V::kLanes), acc[0][t]);
@@ -80,11 +83,12 @@ void conv_tile_typed(const ConvArgs& a, int64_t q0, int64_t r0, int64_t r1, floa
           BitReader reader(meta + bit0 / 8);
           if (bit0 % 8 != 0) reader.get(static_cast<int>(bit0 % 8));
           int64_t e = g0 * L.n;
-          for (int64_t g = g0; g < g1; ++g) {
+          for (int64_t g = g0; g < g1; ++g, xg += L.m * cs) {
             for (int j = 0; j < L.n; ++j, ++e) {
               // Clamped: non-canonical metadata (an index >= M) must not read outside koff.
-              const int64_t idx = static_cast<int64_t>(reader.get(L.bits));
-              const float* xk = x + a.koff[g * L.m + (idx < L.m ? idx : L.m - 1)];
+              int64_t idx = static_cast<int64_t>(reader.get(L.bits));
+              idx = idx < L.m ? idx : L.m - 1;
+              const float* xk = cs != 0 ? xg + idx * cs : x + a.koff[g * L.m + idx];
               const reg w = V::bcast(conv_value<VT>(a.values, vrow + e));
               reg* set = acc[kSets == 2 ? (j & 1) : 0];
               for (int t = 0; t < NB; ++t) set[t] = V::fma(w, V::load(xk + t * V::kLanes), set[t]);

@@ -48,15 +48,17 @@ std::pair<int64_t, int64_t> pair_arg(c10::IntArrayRef v, const char* name, int64
 
 
 // Floats of a tile's input window per channel block (SPARSEKIT_CONV_WINDOW overrides it).
-// Thread CPU time of ResNet-18's stride-1 3x3 layers at batch 1, one thread, AVX-512 (on a
-// busy 2-core AMD EPYC, so +-10%): 6144 floats (24 KB) 2.6 / 2.6 / 2.9 / 5.5 ms for 64 /
-// 128 / 256 / 512 channels; 12000: 2.6 / 2.7 / 2.8 / 4.4 ms; 24000: 3.0 / 3.2 / 3.4 / 4.7;
-// one block (no K-blocking): 3.5 / 3.8 / 3.4 / 4.6. The window estimate counts every row
-// and phase a tile may touch, more than it reads at once.
+// ResNet-18's stride-1 3x3 layers (64 / 128 / 256 / 512 channels at 56 / 28 / 14 / 7
+// pixels), 2:4, fp32, 2 threads, AVX-512, AMD EPYC (Zen 4), all window sizes alternating
+// in one run: at batch 1, 4000 floats 1.28 / 1.39 / 1.15 / 1.67 ms, 6000 1.21 / 1.33 /
+// 1.08 / 1.58, 8000 1.21 / 1.33 / 1.09 / 1.60, 12000 1.34 / 1.43 / 1.15 / 1.64, 16000
+// 1.38 / 1.54 / 1.27 / 1.79; at batch 16, 4000 19.3 / 25.9 / 30.6 / 37.2 ms, 8000 18.7 /
+// 26.7 / 33.6 / 40.2, 12000 18.9 / 28.3 / 33.6 / 43.2. The window estimate counts every
+// row and phase a tile may touch, more than it reads at once.
 int64_t window_floats() {
   static const int64_t floats = [] {
     const char* env = std::getenv("SPARSEKIT_CONV_WINDOW");
-    return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : int64_t{12000};
+    return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : int64_t{8000};
   }();
   return floats;
 }
@@ -200,7 +202,8 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
                 bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr,
                 seg.data(),
                 seg_begin.data(),
-                static_cast<int64_t>(seg_begin.size()) - 1};
+                static_cast<int64_t>(seg_begin.size()) - 1,
+                in_channels % m == 0 ? batch * plane : 0};
   const ConvKernel fn = kern.forward[nb - 1];
 
   // Work units: tiles x blocks of output channels; enough units for every thread even
