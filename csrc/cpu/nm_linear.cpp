@@ -321,12 +321,19 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   }
   if (n == 2 && m == 4 && kern.forward_2_4[0] != nullptr && batch <= small_batch_limit()) {
     // Small batch: x rows stay row-major, up to 8 per pass over the compressed weight.
+    // An fp32 x whose rows are whole 32-column chunks is read in place and y written
+    // directly (decoding calls every layer with one row: no copies, no allocations).
     const int64_t ldx = round_up(kp, 32);
+    const bool fp32 = x2.scalar_type() == at::kFloat;
+    const bool x_in_place = fp32 && k == ldx && x2.is_contiguous();
     for (int64_t b0 = 0; b0 < batch; b0 += kSmallTile) {
       const int64_t tb = std::min<int64_t>(kSmallTile, batch - b0);
-      at::Tensor xb = at::zeros({tb, ldx}, x.options().dtype(at::kFloat));
-      xb.narrow(1, 0, k).copy_(x2.narrow(0, b0, tb));
-      at::Tensor yb = at::empty({tb, rows}, x.options().dtype(at::kFloat));
+      at::Tensor xb = x2.narrow(0, b0, tb);
+      if (!x_in_place) {
+        xb = at::zeros({tb, ldx}, x.options().dtype(at::kFloat));
+        xb.narrow(1, 0, k).copy_(x2.narrow(0, b0, tb));
+      }
+      at::Tensor yb = fp32 ? y.narrow(0, b0, tb) : at::empty({tb, rows}, x.options().dtype(at::kFloat));
       SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
                  L, rows, 0, nullptr, nullptr, nullptr, bias_p, small_block_groups(tb), true,
                  xb.const_data_ptr<float>(), ldx, yb.data_ptr<float>(), rows};
@@ -335,7 +342,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
         float tail[32];  // the < 8 groups past the last whole 32-column chunk
         fn(a, r0, r1, tail);
       });
-      y.narrow(0, b0, tb).copy_(yb);
+      if (!fp32) y.narrow(0, b0, tb).copy_(yb);
     }
     return y.view(with_last(x, rows));
   }
