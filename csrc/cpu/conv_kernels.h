@@ -16,6 +16,7 @@
 // own convolution in bench/bench_conv.py (README: "Sparse convolution").
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <utility>
 
@@ -47,6 +48,24 @@ void conv_tile_typed(const ConvArgs& a, int64_t q0, int64_t r0, int64_t r1, floa
   constexpr int kSets = NB >= 4 ? 1 : 2;
   const NMLayout& L = a.layout;
   const float* x = a.xq + q0;
+  // The rows' kept values and metadata into L2 first (up to 768 KB of its 1 MB on Zen 4), in address order. A
+  // row's share of a channel block is one short run per kernel position, kh * kw runs
+  // apart, too short for the hardware prefetchers: a weight read from memory (batch 1,
+  // where each value serves one tile) otherwise waited on its lines one run at a time.
+  // ResNet-18's 512->512 3x3 layer at batch 1, weights cycled past the LLC: 0.60-0.67x of
+  // F.conv2d without, 0.85-0.93x with (prefetching a few rows ahead instead: 0.70-0.81x).
+  {
+    constexpr int64_t kValueBytes = VT == ValueType::kFloat32 ? 4 : 2;
+    constexpr int64_t kBudget = 768 << 10;
+    const int64_t row_bytes = L.values_per_row * kValueBytes + L.meta_bytes_per_row;
+    const int64_t rp = std::min(r1, r0 + std::max<int64_t>(1, kBudget / row_bytes));
+    const char* values = static_cast<const char*>(a.values);
+    const char* meta = reinterpret_cast<const char*>(a.metadata);
+    for (int64_t b = r0 * L.values_per_row * kValueBytes; b < rp * L.values_per_row * kValueBytes; b += 64)
+      __builtin_prefetch(values + b, 0, 2);
+    for (int64_t b = r0 * L.meta_bytes_per_row; b < rp * L.meta_bytes_per_row; b += 64)
+      __builtin_prefetch(meta + b, 0, 2);
+  }
   for (int64_t blk = 0; blk < a.blocks; ++blk) {
     for (int64_t r = r0; r < r1; ++r) {
       float* y = yt + (r - r0) * kW;
