@@ -64,6 +64,20 @@ def test_large_batch_crosses_tiles(isa):
                    reference.nm_sddmm(gy.double(), x.double(), t.metadata, 96, 2, 4)) < 1e-5
 
 
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 7)])
+@pytest.mark.parametrize("batch", [513, 200, 2 * 256 + 150])
+def test_fp32_batch_tiles_split_across_threads(isa, n, m, batch):
+    # Many rows of x and a small weight (under 1 MB compressed): threads split the batch
+    # tiles, each transposing its own (here from a strided x); the last tile is partial,
+    # some tiles fill 9-15 registers (one accumulator set), and K needs padding.
+    k, rows = 61, 37
+    t, _, _, bias = operands((1,), k, rows, n, m, torch.float32)
+    x = torch.randn(batch, 2 * k, dtype=torch.float64).float()[:, ::2]
+    y = ops.nm_linear(x, t.values, t.metadata, bias, k, n, m)
+    ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, n, m)
+    assert rel_err(y, ref) < 1e-5
+
+
 def test_gradcheck_fp64_through_reference_and_op():
     # K a multiple of M: a value slot in K's padding is not a weight and must stay 0, so
     # gradcheck may not perturb it.

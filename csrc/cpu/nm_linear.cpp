@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -166,6 +167,24 @@ at::Tensor transpose_tile(const at::Tensor& src2d, int64_t b0, int64_t tb, int64
   t.narrow(0, 0, src2d.size(1)).narrow(1, 0, tb).copy_(src2d.narrow(0, b0, tb).t());
   return t;
 }
+
+// dst[j * ldd + i] = src[i * s0 + j * s1] for i < ni, j < nj, in 16x16 blocks.
+void transpose_into(const float* src, int64_t s0, int64_t s1, int64_t ni, int64_t nj, float* dst,
+                    int64_t ldd) {
+  constexpr int64_t kB = 16;
+  for (int64_t i0 = 0; i0 < ni; i0 += kB) {
+    const int64_t i1 = std::min(ni, i0 + kB);
+    for (int64_t j0 = 0; j0 < nj; j0 += kB) {
+      const int64_t j1 = std::min(nj, j0 + kB);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j) dst[j * ldd + i] = src[i * s0 + j * s1];
+    }
+  }
+}
+
+// The fp32 batch forward splits batch tiles across threads for compressed weights up to
+// this size (each thread reads the whole weight per tile, from its cache), rows above it.
+constexpr int64_t kTileSplitWeightBytes = 1 << 20;
 
 // Small-batch 2:4 forward: groups per column block so that the block's slice of the tb rows
 // of x (fp32) stays in L1 (24 KB), in whole 32-column chunks. Without it a long row of x
@@ -344,6 +363,33 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
       });
       if (!fp32) y.narrow(0, b0, tb).copy_(yb);
     }
+    return y.view(with_last(x, rows));
+  }
+  const int64_t tile = batch_tile(kern), tiles = (batch + tile - 1) / tile;
+  const int64_t weight_bytes = values.nbytes() + metadata.nbytes();
+  if (x2.scalar_type() == at::kFloat && tiles > 1 && weight_bytes <= kTileSplitWeightBytes) {
+    // A small weight (every thread reads it from its own cache), many rows of x (the pixels
+    // of a 1x1 convolution): threads split the batch tiles, each transposing its tiles into
+    // its own buffers and running every weight row on them. Splitting each tile's rows
+    // instead paid two allocations, two TensorIterator transposes and a thread fork per
+    // tile: 3136x64 by a 64x64 weight took 7x F.linear's time.
+    const float* xp = x2.const_data_ptr<float>();
+    const int64_t xs0 = x2.stride(0), xs1 = x2.stride(1);
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> xT(static_cast<size_t>(kp * tile)), yT(static_cast<size_t>(rows * tile));
+      auto scratch = scratch_for(L);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b0 = t * tile, tb = std::min(tile, batch - b0), ld = round_up(tb, kern.lanes);
+        // xT [kp, ld]: x's rows as columns, zero beyond K and beyond the tile's rows.
+        std::fill(xT.begin(), xT.begin() + kp * ld, 0.f);
+        transpose_into(xp + b0 * xs0, xs0, xs1, tb, k, xT.data(), ld);
+        SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
+                   L, rows, ld, xT.data(), nullptr, yT.data(), bias_p, block_groups(L, ld)};
+        pick(kern.forward_2_4_batch, kern.forward, L, ld, kern)(a, 0, rows, scratch.get());
+        transpose_into(yT.data(), ld, 1, rows, tb, yp + b0 * rows, rows);
+      }
+    });
     return y.view(with_last(x, rows));
   }
   for_each_batch_tile(kern, batch, [&](int64_t b0, int64_t tb, int64_t ld) {
