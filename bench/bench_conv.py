@@ -20,7 +20,7 @@ from torch import nn
 
 import sparsekit as sk
 
-from common import machine_info, paired_seconds
+from common import layer_choices, machine_info, paired_seconds
 
 torchvision = pytest.importorskip("torchvision", reason="torchvision not installed (make setup)")
 
@@ -70,7 +70,11 @@ def test_resnet18_conv_layer(benchmark, shape, batch):
         conv = nn.Conv2d(c_in, c_out, k, stride, padding, bias=False)
         layer = sk.SparseConv2d.from_dense(conv, "2:4")
         layers.append(layer)
-        weights.append(layer.dense_weight())  # the same pruned weights, dense
+        # The same pruned weights, dense, with nn.Conv2d's own strides (a 1x1 weight from
+        # the [out, in] matrix has channels-last-looking strides, which would make
+        # F.conv2d convert every input to channels-last).
+        w = layer.dense_weight()
+        weights.append(torch.empty_like(w, memory_format=torch.contiguous_format).copy_(w))
     x = torch.randn(batch, c_in, h, h)
 
     def sparse():
@@ -89,7 +93,8 @@ def test_resnet18_conv_layer(benchmark, shape, batch):
     dense_s, sparse_s = paired_seconds(dense, sparse, REPEATS)
     benchmark.extra_info.update(
         kind="conv_layer", what=f"{c_in}->{c_out} {k}x{k} s{stride} p{padding} @{h}x{h}",
-        dtype="float32", batch=batch, copies=copies, kernel=kernel,
+        dtype="float32", batch=batch, copies=copies, kernel=kernel, target=0.95,
+        layer_choices=layer_choices(layers[0]),
         dense_s=dense_s / copies, sparse_s=sparse_s / copies, ratio=dense_s / sparse_s,
         dense_weight_bytes=dense_bytes * copies,
         sparse_weight_bytes=sum(layer.weight_nbytes for layer in layers), **machine_info())

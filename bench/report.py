@@ -156,6 +156,19 @@ def cuda_rows(data):
                    f"{info['ratio']:.2f}x", "")
 
 
+def _conv_choice(choices) -> str:
+    """What the timed layers ran: the per-call choice ("sparse" / "dense") and why, from
+    `sk.explain(layer)` of the first weight copy (all copies share one decision)."""
+    if not choices:
+        return "n/a"
+    text = next(iter(choices))
+    parts = text.split(": ")
+    head, _, why = text.rpartition("): ")
+    if len(parts) < 3 or not head:
+        return text
+    return f"{parts[1].split(' (')[0]}: {why}"
+
+
 def conv_rows(data):
     """Rows of bench/bench_conv.py: one 2:4 convolution shape (SparseConv2d) against
     F.conv2d on the same pruned weight."""
@@ -164,7 +177,8 @@ def conv_rows(data):
         if info.get("kind") == "conv_layer":
             yield (info["what"], str(info["batch"]), info["kernel"],
                    f"{info['dense_s'] * 1e3:.3f} ms", f"{info['sparse_s'] * 1e3:.3f} ms",
-                   f"{info['ratio']:.2f}x")
+                   f"{info['ratio']:.2f}x{_verdict(info)}",
+                   _conv_choice(info.get("layer_choices")))
 
 
 def plot_linear(data, path):
@@ -258,7 +272,7 @@ def main(path):
     if conv:
         print()
         table(["conv 2:4 (fp32)", "batch", "sparse kernel", "dense F.conv2d", "sparsekit",
-               "speed-up"], conv)
+               "speed-up", "what SparseConv2d ran (sk.explain)"], conv)
     modules = list(module_rows(data))
     if modules:
         print()
