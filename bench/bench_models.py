@@ -31,7 +31,7 @@ import sparsekit as sk
 from common import kernels_used, layer_choices, layer_weight_bytes, machine_info, model_bytes, paired_seconds
 
 REPEATS = 5
-LLM_REPEATS = 3
+LLM_REPEATS = 5
 NEW_TOKENS, PROMPT_TOKENS, PREFILL_TOKENS = 32, 8, 512
 
 
