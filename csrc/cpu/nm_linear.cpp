@@ -110,10 +110,12 @@ int64_t bf16_pairs_batch() {
   return limit;
 }
 
-// Compressed weights up to this size run the pair GEMM split by x tiles (each thread reads
-// the whole weight from its cache); larger ones split by weight rows.
-constexpr int64_t kPairSmallWeightBytes = 1 << 20;
-// Their x tiles: 32 rows (two registers per weight row and group). Measured against 64 on
+// Compressed weights up to this size are small enough for every thread to read whole from
+// its own cache: the batch forwards (the bf16 pair GEMM, the fp32 batch kernel) split the
+// tiles of x between threads; larger weights split their rows.
+constexpr int64_t kSmallWeightBytes = 1 << 20;
+// The pair GEMM on larger weights: x tiles of 32 rows (two registers per weight row and
+// group). Measured against 64 on
 // 4096x4096, 11008x4096 and 4096x11008 at batch 64-512 (two alternating runs each, noisy):
 // 0.97x against 0.92x dense on average.
 constexpr int kPairLargeWeightTile = 32;
@@ -181,10 +183,6 @@ void transpose_into(const float* src, int64_t s0, int64_t s1, int64_t ni, int64_
     }
   }
 }
-
-// The fp32 batch forward splits batch tiles across threads for compressed weights up to
-// this size (each thread reads the whole weight per tile, from its cache), rows above it.
-constexpr int64_t kTileSplitWeightBytes = 1 << 20;
 
 // Small-batch 2:4 forward: groups per column block so that the block's slice of the tb rows
 // of x (fp32) stays in L1 (24 KB), in whole 32-column chunks. Without it a long row of x
@@ -284,6 +282,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   const at::Tensor values_c = values.contiguous(), meta_c = metadata.contiguous();
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_p = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  const int64_t weight_bytes = values_c.nbytes() + meta_c.nbytes();
   if (n == 2 && m == 4 && kern.forward_2_4_bf16 != nullptr && values.scalar_type() == at::kBFloat16) {
     // bf16 dot products, any batch: x stays bf16 and row-major, padded to whole 64-column
     // chunks; y is summed in fp32.
@@ -303,8 +302,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     a.y16 = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
     if (kern.forward_2_4_bf16_pairs != nullptr && batch >= bf16_pairs_batch()) {
       // Many rows of x: prepare x's column pairs once, then the pair GEMM.
-      const int64_t weight_bytes = rows * (2 * L.values_per_row + L.meta_bytes_per_row);
-      const bool by_tiles = weight_bytes <= kPairSmallWeightBytes && batch > 64;
+      const bool by_tiles = weight_bytes <= kSmallWeightBytes && batch > 64;
       a.pair_tile = pair_tile_for(by_tiles);
       const int64_t tile = a.pair_tile, tiles = (batch + tile - 1) / tile;
       if (by_tiles && tiles > 1) {
@@ -366,8 +364,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     return y.view(with_last(x, rows));
   }
   const int64_t tile = batch_tile(kern), tiles = (batch + tile - 1) / tile;
-  const int64_t weight_bytes = values.nbytes() + metadata.nbytes();
-  if (x2.scalar_type() == at::kFloat && tiles > 1 && weight_bytes <= kTileSplitWeightBytes) {
+  if (x2.scalar_type() == at::kFloat && tiles > 1 && weight_bytes <= kSmallWeightBytes) {
     // A small weight (every thread reads it from its own cache), many rows of x (the pixels
     // of a 1x1 convolution): threads split the batch tiles, each transposing its tiles into
     // its own buffers and running every weight row on them. Splitting each tile's rows
@@ -381,9 +378,12 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
       auto scratch = scratch_for(L);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b0 = t * tile, tb = std::min(tile, batch - b0), ld = round_up(tb, kern.lanes);
-        // xT [kp, ld]: x's rows as columns, zero beyond K and beyond the tile's rows.
-        std::fill(xT.begin(), xT.begin() + kp * ld, 0.f);
+        // xT [kp, ld]: x's rows as columns, zero beyond K and beyond the tile's rows (only
+        // those are filled: the transpose writes the rest).
         transpose_into(xp + b0 * xs0, xs0, xs1, tb, k, xT.data(), ld);
+        if (tb < ld)
+          for (int64_t c = 0; c < k; ++c) std::fill_n(xT.data() + c * ld + tb, ld - tb, 0.f);
+        std::fill_n(xT.data() + k * ld, (kp - k) * ld, 0.f);
         SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
                    L, rows, ld, xT.data(), nullptr, yT.data(), bias_p, block_groups(L, ld)};
         pick(kern.forward_2_4_batch, kern.forward, L, ld, kern)(a, 0, rows, scratch.get());
