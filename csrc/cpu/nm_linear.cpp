@@ -115,9 +115,8 @@ int64_t bf16_pairs_batch() {
 // tiles of x between threads; larger weights split their rows.
 constexpr int64_t kSmallWeightBytes = 1 << 20;
 // The pair GEMM on larger weights: x tiles of 32 rows (two registers per weight row and
-// group). Measured against 64 on
-// 4096x4096, 11008x4096 and 4096x11008 at batch 64-512 (two alternating runs each, noisy):
-// 0.97x against 0.92x dense on average.
+// group). Measured against 64 on 4096x4096, 11008x4096 and 4096x11008 at batch 64-512 (two
+// alternating runs each, noisy): 0.97x against 0.92x dense on average.
 constexpr int kPairLargeWeightTile = 32;
 
 // The pair GEMM's rows of x per tile: 64 (four registers per weight row and group) for
