@@ -1,6 +1,10 @@
 """CPU N:M products (nm_linear, nm_linear_grad_input, nm_sddmm) against the fp64
 reference, on every ISA variant this machine runs, odd shapes and every dtype."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -278,12 +282,14 @@ def test_best_variant_active_after_forced_tests():
 @pytest.mark.parametrize("rows", [1, 3, 4, 13, 300])
 @pytest.mark.parametrize("batch", [64, 65, 130])
 @pytest.mark.parametrize("k", [4, 61, 64, 67, 256, 1000])
-def test_bf16_2_4_pair_gemm_every_remainder(isa, rows, batch, k):
-    # From batch 64 the avx512bf16 forward prepares x's column pairs per group and tile of 64
-    # rows of x, then runs 4 weight rows at a time over K blocks of 16 groups, rows in blocks
-    # of 128: every remainder of each (rows 300: three row blocks), K ending inside a block
-    # and inside a group, and inf at the pruned columns of x (only kept pairs are read).
-    # These weights are small: threads split the x tiles.
+def test_bf16_2_4_batch_form_every_remainder(isa, rows, batch, k):
+    # From batch 32 the avx512bf16 forward runs its batch form: by default the lanes form
+    # (16 weight rows per register by 6 rows of x, K blocks of 64 groups, rows in blocks of
+    # 256), or the pair GEMM (SPARSEKIT_CPU_BF16_BATCH=pairs: x's column pairs per group and
+    # tile of 64 rows, 4 weight rows at a time, K blocks of 16 groups, rows in blocks of 128;
+    # test_bf16_2_4_pair_gemm_in_a_subprocess): every remainder of each (rows 300: two and
+    # three row blocks), K ending inside a block and inside a group, and inf at the pruned
+    # columns of x (only kept entries are read).
     t, x = check_bf16_2_4_with_inf_at_pruned_columns(batch, k, rows)
     # Without bias, and with x as a strided view (copied into whole 64-column rows first).
     xs = torch.stack([x, -x], 2).flatten(1)[:, ::2]
@@ -293,11 +299,35 @@ def test_bf16_2_4_pair_gemm_every_remainder(isa, rows, batch, k):
     assert rel_err(y0, ref0) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("rows", [3, 300])
+@pytest.mark.parametrize("batch", [32, 33, 34, 35, 36, 37])
+@pytest.mark.parametrize("k", [61, 1000])
+def test_bf16_2_4_lanes_every_batch_remainder(isa, rows, batch, k):
+    # The lanes form's register tiles hold 6 rows of x: batches 32-37 end on every
+    # remainder (2, 3, 4, 5, 0, 1); rows 3 fill part of one register, rows 300 leave an odd
+    # count of registers (one register row in the last tile) with 12 rows in the last one.
+    check_bf16_2_4_with_inf_at_pruned_columns(batch, k, rows)
+
+
+def test_bf16_2_4_pair_gemm_in_a_subprocess():
+    # The pair GEMM is chosen once per process (SPARSEKIT_CPU_BF16_BATCH=pairs): its tests
+    # (the two above and the large-weight one below) run in a process that chose it.
+    if "avx512bf16" not in sk.build_info()["cpu_isa_available"]:
+        pytest.skip("this CPU has no AVX512-BF16: the pair GEMM cannot run")
+    env = dict(os.environ, SPARSEKIT_CPU_BF16_BATCH="pairs")
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "batch_form_every_remainder or lanes_every_batch_remainder or pair_gemm_large_weight"],
+        env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
+
+
 @pytest.mark.parametrize("rows,k", [(517, 2051), (300, 4100)])
 def test_bf16_2_4_pair_gemm_large_weight(isa, rows, k):
-    # Weights over 1 MB compressed: threads split the weight rows, every x tile's pairs
-    # prepared first, in tiles of 32 rows of x (two registers; small weights: 64, four);
-    # five tiles, odd rows and K.
+    # Weights over 1 MB compressed: threads split the weight rows (lanes form: in whole
+    # registers of 16; pair GEMM: every x tile's pairs prepared first, in tiles of 32 rows of
+    # x, two registers; small weights: 64, four); odd rows and K, many K blocks.
     t, x, gy, bias = operands((150,), k, rows, 2, 4, torch.bfloat16)
     assert t.values.numel() * 2 + t.metadata.numel() > 1 << 20
     ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, 2, 4)

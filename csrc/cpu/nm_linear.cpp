@@ -100,12 +100,28 @@ int64_t small_batch_limit() {
   return limit;
 }
 
-// From this many rows of x, the bf16 2:4 forward prepares x's column pairs once and runs
-// the pair GEMM instead of permuting x per weight row. SPARSEKIT_CPU_BF16_PAIRS overrides it.
+// The bf16 2:4 forward for many rows of x: the lanes form (16 weight rows per register, x
+// broadcast; sp24_bf16_avx512.cpp) unless SPARSEKIT_CPU_BF16_BATCH=pairs asks for the pair
+// GEMM (x's column pairs prepared once). Measured on Zen 5 (2 threads, 4096x4096 to
+// 11008x4096, weights past the LLC): lanes 1.09-1.26x torch's bf16 GEMM at batch 64-512,
+// the pair GEMM 0.72-0.93x. The pair GEMM was measured the faster of the two forms it was
+// compared with on Zen 4 (1.0-1.1x there); the lanes form is unmeasured on Zen 4.
+bool bf16_batch_lanes() {
+  static const bool lanes = [] {
+    const char* env = std::getenv("SPARSEKIT_CPU_BF16_BATCH");
+    return env == nullptr || std::strcmp(env, "pairs") != 0;
+  }();
+  return lanes;
+}
+
+// From this many rows of x the bf16 2:4 forward runs its batch form instead of permuting x
+// per weight row (SPARSEKIT_CPU_BF16_PAIRS overrides it): 32 for the lanes form (Zen 5,
+// 4096x4096: 1.14x dense at batch 32 against 1.06x for the permute kernel, which wins
+// below: 1.31x against 1.04x at 16), 64 for the pair GEMM.
 int64_t bf16_pairs_batch() {
   static const int64_t limit = [] {
     const char* env = std::getenv("SPARSEKIT_CPU_BF16_PAIRS");
-    return env != nullptr ? std::atoll(env) : int64_t{64};
+    return env != nullptr ? std::atoll(env) : bf16_batch_lanes() ? int64_t{32} : int64_t{64};
   }();
   return limit;
 }
@@ -299,7 +315,15 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     a.ldx = ldx;
     a.batch = batch;
     a.y16 = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-    if (kern.forward_2_4_bf16_pairs != nullptr && batch >= bf16_pairs_batch()) {
+    if (kern.forward_2_4_bf16_lanes != nullptr && batch >= bf16_pairs_batch() && bf16_batch_lanes()) {
+      // Many rows of x, the lanes form: threads split the weight rows (whole registers of
+      // 16); partial sums wait in an fp32 buffer of the calling thread between K blocks.
+      float* yf = reinterpret_cast<float*>(pair_scratch(batch * rows));
+      const int64_t vecs = (rows + 15) / 16;
+      at::parallel_for(0, vecs, 1, [&](int64_t v0, int64_t v1) {
+        kern.forward_2_4_bf16_lanes(a, 16 * v0, std::min(rows, 16 * v1), yf);
+      });
+    } else if (kern.forward_2_4_bf16_pairs != nullptr && batch >= bf16_pairs_batch()) {
       // Many rows of x: prepare x's column pairs once, then the pair GEMM.
       const bool by_tiles = weight_bytes <= kSmallWeightBytes && batch > 64;
       a.pair_tile = pair_tile_for(by_tiles);

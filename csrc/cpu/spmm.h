@@ -101,6 +101,10 @@ struct SpmmKernels {
   // forward_2_4_bf16_pairs over weight rows [r0, r1).
   void (*prepare_pairs_2_4_bf16)(const SpmmArgs&, int64_t, int64_t, uint32_t*) = nullptr;
   void (*forward_2_4_bf16_pairs)(const SpmmArgs&, int64_t, int64_t, const uint32_t*) = nullptr;
+  // The same product in the lanes form (sp24_bf16_avx512.cpp): 16 weight rows per register
+  // and rows of x broadcast, over weight rows [r0, r1); partial sums in the fp32 buffer
+  // (SpmmArgs layout of y), the result in y16 when set.
+  void (*forward_2_4_bf16_lanes)(const SpmmArgs&, int64_t, int64_t, float*) = nullptr;
 };
 
 // uint32 words of prepared pairs per x tile of `tile` rows.
