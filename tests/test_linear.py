@@ -323,6 +323,30 @@ def test_bf16_2_4_pair_gemm_in_a_subprocess():
     assert " passed" in done.stdout and " failed" not in done.stdout
 
 
+@pytest.mark.parametrize("rows", [3, 17, 300])
+@pytest.mark.parametrize("batch", [17, 18, 19, 20, 21, 22, 130])
+@pytest.mark.parametrize("k", [4, 68, 1000])
+def test_fp32_2_4_lanes_every_remainder(isa, rows, batch, k):
+    # From 17 rows of x, fp32 2:4 with K a multiple of 4 runs the lanes form on AVX-512 (16
+    # weight rows per register, tiles of 2 registers by 6 rows of x, K blocks of 64 groups,
+    # rows in blocks of 128): batches 17-22 end on every remainder of 6, rows 3 / 17 / 300
+    # leave a partial register, an odd count of registers and three row blocks, K 1000 runs
+    # four K blocks. Inf at the pruned columns of x must not reach y (only kept columns are
+    # moved into the lanes); x as a row-strided view is read in place.
+    t, x, gy, bias = operands((batch,), k, rows, 2, 4, torch.float32)
+    ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, 2, 4)
+    x_inf = x.clone()
+    x_inf[:, t.to_dense().ne(0).sum(0).eq(0)] = float("inf")
+    y = ops.nm_linear(x_inf, t.values, t.metadata, bias, k, 2, 4)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) < TOL[torch.float32]
+    wide = torch.randn(batch, k + 8)
+    wide[:, :k] = x
+    ref0 = reference.nm_linear(x.double(), t.values.double(), t.metadata, None, k, 2, 4)
+    y0 = ops.nm_linear(wide[:, :k], t.values, t.metadata, None, k, 2, 4)
+    assert rel_err(y0, ref0) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("rows,k", [(517, 2051), (300, 4100)])
 def test_bf16_2_4_pair_gemm_large_weight(isa, rows, k):
     # Weights over 1 MB compressed: threads split the weight rows (lanes form: in whole

@@ -88,14 +88,18 @@ bool has_kernel_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
+bool fp32_batch_lanes();
+
 // Up to this many rows of x, 2:4 forward runs the small-batch kernel (x row-major, index
-// decode in registers, 8 rows per pass over the weight); above it the transposed-batch
-// kernel. Measured crossover (4096x4096 fp32, 2 threads, AVX-512): small-batch faster up
-// to 9-10 rows, the batch kernel from 12. SPARSEKIT_CPU_SMALL_BATCH overrides it.
+// decode in registers, 8 rows per pass over the weight); above it a batch kernel. Measured
+// crossovers (fp32, 2 threads, AVX-512): against the transposed-tile kernel, 9-10 rows on
+// Zen 4 (4096x4096); against the lanes form, 16-24 rows on Zen 5 (4096x4096 at 16 rows:
+// 3.1 ms small-batch, 3.7 ms lanes; at 32: 5.8 and 4.7 ms). SPARSEKIT_CPU_SMALL_BATCH
+// overrides it.
 int64_t small_batch_limit() {
   static const int64_t limit = [] {
     const char* env = std::getenv("SPARSEKIT_CPU_SMALL_BATCH");
-    return env != nullptr ? std::atoll(env) : int64_t{10};
+    return env != nullptr ? std::atoll(env) : fp32_batch_lanes() ? int64_t{16} : int64_t{10};
   }();
   return limit;
 }
@@ -110,6 +114,21 @@ bool bf16_batch_lanes() {
   static const bool lanes = [] {
     const char* env = std::getenv("SPARSEKIT_CPU_BF16_BATCH");
     return env == nullptr || std::strcmp(env, "pairs") != 0;
+  }();
+  return lanes;
+}
+
+// Whether the fp32 2:4 batch forward runs the lanes form (sp24_lanes_avx512.cpp) where it
+// applies (fp32 values and x, K a multiple of 4, x's rows contiguous); SPARSEKIT_CPU_FP32_
+// BATCH=tiles keeps the transposed-tile kernels. Measured on Zen 5 (2 threads, weights
+// cycled past the LLC where they are large), against F.linear in the same run: 2.0-2.5x
+// from 128x64 by 784 rows of x (a 1x1 convolution's pixels) to 1536x576 by 512, and 2.9-3.8x
+// on 4096x4096 at 64-256 rows; the transposed-tile kernels 0.93-1.3x and 1.2-2.3x there.
+// Unmeasured on Zen 4.
+bool fp32_batch_lanes() {
+  static const bool lanes = [] {
+    const char* env = std::getenv("SPARSEKIT_CPU_FP32_BATCH");
+    return env == nullptr || std::strcmp(env, "tiles") != 0;
   }();
   return lanes;
 }
@@ -384,6 +403,21 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
       });
       if (!fp32) y.narrow(0, b0, tb).copy_(yb);
     }
+    return y.view(with_last(x, rows));
+  }
+  if (n == 2 && m == 4 && kern.forward_2_4_lanes != nullptr && fp32_batch_lanes() &&
+      values.scalar_type() == at::kFloat && x2.scalar_type() == at::kFloat && kp == k &&
+      x2.stride(1) == 1) {
+    // The lanes form: x read in place, y written directly; threads split the weight rows
+    // (whole registers of 16).
+    SpmmArgs a{values_c.const_data_ptr(), ValueType::kFloat32, meta_c.const_data_ptr<uint8_t>(),
+               L, rows, 0, nullptr, nullptr, nullptr, bias_p, 0, true,
+               x2.const_data_ptr<float>(), x2.stride(0), y.data_ptr<float>(), rows};
+    a.batch = batch;
+    const int64_t vecs = (rows + 15) / 16;
+    at::parallel_for(0, vecs, 1, [&](int64_t v0, int64_t v1) {
+      kern.forward_2_4_lanes(a, 16 * v0, std::min(rows, 16 * v1), nullptr);
+    });
     return y.view(with_last(x, rows));
   }
   const int64_t tile = batch_tile(kern), tiles = (batch + tile - 1) / tile;

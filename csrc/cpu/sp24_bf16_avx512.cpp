@@ -33,6 +33,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")
 
+#include "lanes.h"  // after the target: its AVX-512 helpers compile for it
+
 namespace sparsekit {
 namespace spmm_avx512bf16 {
 namespace {
@@ -331,31 +333,6 @@ void pair_rows(int64_t mr, const uint32_t* w, const uint16_t* off, int64_t ng, c
 }
 static_assert(kPairRows<2> <= 8 && kPairRows<4> <= 8, "pair_rows covers 1..8 rows");
 
-// 16x16 transpose of 32-bit lanes: r[i] lane j -> r[j] lane i.
-inline void transpose16(__m512i (&r)[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int h = 0; h < 2; ++h) {
-    for (int i = 0; i < 4; ++i) {
-      t[8 * h + i] = _mm512_shuffle_i32x4(r[8 * h + i], r[8 * h + i + 4], 0x88);
-      t[8 * h + i + 4] = _mm512_shuffle_i32x4(r[8 * h + i], r[8 * h + i + 4], 0xDD);
-    }
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
-  }
-}
-
 // Pairs of x tiles [t0, t1): per 16 rows of x and 8 groups, each row's 32 entries are one
 // register whose 32-bit lanes already hold pairs (0,1) and (2,3) of every group; two byte
 // shuffles inside each group give (0,2), (1,3) and (0,3), (1,2). A 16x16 transpose of each
@@ -547,36 +524,6 @@ void pack_lanes(const SpmmArgs& a, int64_t rv, int64_t rend, int64_t g0, int64_t
   }
 }
 
-// Prefetches, into L2, the values and metadata of rows [r, r1) at the K block from group
-// g0, a few lines per call of step(): issued all at once they would overflow the miss
-// buffers, and the prefetches that find none are dropped.
-struct LanePrefetch {
-  const SpmmArgs* a = nullptr;
-  int64_t r = 0, r1 = 0, g0 = 0, lines = 0;  // lines: of values per row (+ 1 of metadata)
-  int64_t line = 0;
-  void start(const SpmmArgs& args, int64_t rows0, int64_t rows1, int64_t group0) {
-    a = &args;
-    r = rows0;
-    r1 = rows1;
-    g0 = group0;
-    line = 0;
-    lines = (std::min(kLaneGroups, args.layout.groups - group0) * 4 + 63) / 64;
-  }
-  void step(int64_t n) {
-    const NMLayout& L = a->layout;
-    for (; n > 0 && r < r1; --n) {
-      const char* p = line < lines
-          ? static_cast<const char*>(a->values) + (r * L.values_per_row + 2 * g0) * 2 + 64 * line
-          : reinterpret_cast<const char*>(a->metadata + r * L.meta_bytes_per_row + g0 / 2);
-      _mm_prefetch(p, _MM_HINT_T1);
-      if (++line > lines) {
-        line = 0;
-        ++r;
-      }
-    }
-  }
-};
-
 // MR register rows (weight rows r .. r + 16 * MR, the last `last` lanes wide) by NB rows of x
 // (x: row b0 at the K block's first column) over ng groups. Sums are fp32 in yf [.., ldy]
 // (started from the bias or zero when `first`); when `out16` is set they are instead
@@ -670,14 +617,14 @@ void forward_2_4_bf16_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, float* yf
       // spread over its register tiles: a K block's short runs, a row apart, are more
       // streams than the hardware prefetchers follow (pack_lanes waited on them for a third
       // of the time at batch 64).
-      LanePrefetch next;
+      LaneRowPrefetch next;
       if (!final) {
-        next.start(a, rb, re, g0 + kLaneGroups);
+        next.start(a, 2, rb, re, g0 + kLaneGroups, kLaneGroups);
       } else {
-        next.start(a, re, std::min(re + block, r1), 0);
+        next.start(a, 2, re, std::min(re + block, r1), 0, kLaneGroups);
       }
       const int64_t tiles = (a.batch + kLaneNB - 1) / kLaneNB * ((nv + kLaneMR - 1) / kLaneMR);
-      const int64_t per = ((next.r1 - next.r) * (next.lines + 1) + tiles - 1) / tiles;
+      const int64_t per = (next.remaining() + tiles - 1) / tiles;
       for (int64_t b0 = 0; b0 < a.batch; b0 += kLaneNB) {
         const int nb = static_cast<int>(std::min<int64_t>(kLaneNB, a.batch - b0));
         const uint16_t* x = a.x16 + b0 * a.ldx + 4 * g0;

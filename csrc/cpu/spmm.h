@@ -92,6 +92,10 @@ struct SpmmKernels {
   // 2:4 grad input (groups range, like grad_input) and sddmm (rows), decoded on the fly.
   RowKernel grad_input_2_4[kMaxTileRegs];
   RowKernel sddmm_2_4[kMaxTileRegs];
+  // 2:4 fp32 forward for many rows of x in the lanes form (sp24_lanes_avx512.cpp): x
+  // [batch, ldx] fp32 row-major with K a multiple of 4, y [batch, ldy] fp32, rows [r0, r1);
+  // null where the ISA has none.
+  RowKernel forward_2_4_lanes = nullptr;
   // 2:4 forward for bf16 values and x with bf16 dot products (AVX512-BF16), every row of x
   // over rows [r0, r1) (SpmmArgs::x16, batch, y); null where the ISA has none.
   RowKernel forward_2_4_bf16 = nullptr;

@@ -151,9 +151,16 @@ const ConvKernels& conv_kernels_avx512() {
   return k;
 }
 
+namespace spmm_avx512 {
+void forward_2_4_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch);  // sp24_lanes_avx512.cpp
+}
+
 const SpmmKernels& spmm_kernels_avx512() {
-  static const SpmmKernels k =
-      spmm_avx512::make_kernels("avx512", std::make_integer_sequence<int, kMaxTileRegs>{});
+  static const SpmmKernels k = [] {
+    SpmmKernels t = spmm_avx512::make_kernels("avx512", std::make_integer_sequence<int, kMaxTileRegs>{});
+    t.forward_2_4_lanes = &spmm_avx512::forward_2_4_lanes;
+    return t;
+  }();
   return k;
 }
 }  // namespace sparsekit

@@ -1,0 +1,185 @@
+// 2:4 fp32 forward for many rows of x in the lanes form, part of the AVX-512 variants: 16
+// weight rows per register, one row of x broadcast. No torch header: plain pointers
+// through SpmmArgs.
+//
+// y[b, r .. r + 16] += w0 * x[b, 4g + i0] + w1 * x[b, 4g + i1] per group g, where w0, w1 hold
+// the 16 rows' two kept values and i0, i1 their indices in the group. The group's 4 floats
+// of x are broadcast to every 128-bit lane (one 16-byte load), and vpermilps, whose
+// per-lane control picks one of the 4 floats of its 128-bit lane, moves each row's kept
+// column into its lane: two permutes and two FMAs per row of x, group and 16 weight rows,
+// with y's 16 outputs in one register: no transposes of x or y, and every lane does useful
+// work whatever the batch. A register tile is kLaneMR register rows (32 weight rows) by
+// kLaneNB rows of x. The values and indices of a block of weight rows at one K block are
+// unpacked first (16x16 transposes: [group][w0 | w1 | i0 | i1][16 lanes]) and used from L2
+// by every row of x; partial sums wait in y between K blocks.
+//
+// Measured on Zen 5 (2 threads): see nm_linear.cpp, where it is chosen.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+
+#include "spmm.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+
+#include "lanes.h"  // after the target: its AVX-512 helpers compile for it
+
+namespace sparsekit {
+namespace spmm_avx512 {
+namespace {
+
+constexpr int kMR = 2;                  // register rows (16 weight rows each) per tile
+constexpr int kNB = 6;                  // rows of x per tile
+constexpr int64_t kGroups = 64;         // groups per K block
+constexpr int64_t kBlockRows = 128;     // weight rows per block (packed: 128 KB)
+constexpr int64_t kPacked = 64;         // floats per group and register row
+
+// Weight rows [rv, rv + 16) (those >= rend are zero) at groups [g0, g0 + ng), g0 even:
+// out[g] = {w0[16], w1[16], i0[16], i1[16]} (indices as int32 in float lanes).
+void pack(const SpmmArgs& a, int64_t rv, int64_t rend, int64_t g0, int64_t ng, float* out) {
+  const NMLayout& L = a.layout;
+  const float* values = static_cast<const float*>(a.values);
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const __m512i three = _mm512_set1_epi32(3);
+  for (int64_t gg = 0; gg < ng; gg += 16) {
+    const int64_t n16 = std::min<int64_t>(16, ng - gg);
+    const __mmask16 vlo = static_cast<__mmask16>(n16 >= 8 ? 0xFFFF : (1u << (2 * n16)) - 1);
+    const __mmask16 vhi = static_cast<__mmask16>(n16 >= 16 ? 0xFFFF : n16 > 8 ? (1u << (2 * (n16 - 8))) - 1 : 0);
+    const __mmask16 mm = static_cast<__mmask16>((1u << ((n16 + 1) / 2)) - 1);
+    __m512i lo[16], hi[16], c[16];
+    for (int i = 0; i < 16; ++i) {
+      const int64_t r = rv + i;
+      if (r < rend) {
+        const float* v = values + r * L.values_per_row + 2 * (g0 + gg);
+        lo[i] = _mm512_castps_si512(_mm512_maskz_loadu_ps(vlo, v));
+        hi[i] = _mm512_castps_si512(_mm512_maskz_loadu_ps(vhi, v + 16));
+        const __m128i m = _mm_maskz_loadu_epi8(mm, a.metadata + r * L.meta_bytes_per_row + (g0 + gg) / 2);
+        const __m128i l4 = _mm_and_si128(m, nib), h4 = _mm_and_si128(_mm_srli_epi16(m, 4), nib);
+        c[i] = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(l4, h4));
+      } else {
+        lo[i] = hi[i] = c[i] = _mm512_setzero_si512();
+      }
+    }
+    transpose16(lo);  // lo[j]: value j of groups gg .. gg + 7 (group j / 2, kept j % 2)
+    transpose16(hi);
+    transpose16(c);   // c[j]: the nibbles of group gg + j
+    for (int64_t j = 0; j < n16; ++j) {
+      float* o = out + (gg + j) * kPacked;
+      const __m512i* src = j < 8 ? lo : hi;
+      const int64_t q = 2 * (j % 8);
+      _mm512_store_si512(o, src[q]);
+      _mm512_store_si512(o + 16, src[q + 1]);
+      _mm512_store_si512(o + 32, _mm512_and_si512(c[j], three));
+      _mm512_store_si512(o + 48, _mm512_and_si512(_mm512_srli_epi32(c[j], 2), three));
+    }
+  }
+}
+
+// MR register rows (weight rows r .. r + 16 * MR, the last `last` lanes wide) by NB rows of x
+// (x: row b0 at the K block's first column) over ng groups, summed into y (started from the
+// bias or zero when `first`).
+template <int MR, int NB>
+void tile(const float* packed, int64_t ng, const float* x, int64_t ldx, int64_t r, __mmask16 last,
+          const float* bias, bool first, float* y, int64_t ldy) {
+  __m512 acc[MR][NB];
+  for (int i = 0; i < MR; ++i) {
+    const __mmask16 m = i == MR - 1 ? last : static_cast<__mmask16>(0xFFFF);
+    for (int j = 0; j < NB; ++j) {
+      acc[i][j] = first ? (bias != nullptr ? _mm512_maskz_loadu_ps(m, bias + r + 16 * i) : _mm512_setzero_ps())
+                        : _mm512_maskz_loadu_ps(m, y + j * ldy + r + 16 * i);
+    }
+  }
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 xb[NB];
+    for (int j = 0; j < NB; ++j) xb[j] = _mm512_broadcast_f32x4(_mm_loadu_ps(x + j * ldx + 4 * g));
+    for (int i = 0; i < MR; ++i) {
+      const float* p = packed + (i * ng + g) * kPacked;
+      const __m512 w0 = _mm512_load_ps(p), w1 = _mm512_load_ps(p + 16);
+      const __m512i i0 = _mm512_load_si512(p + 32), i1 = _mm512_load_si512(p + 48);
+      for (int j = 0; j < NB; ++j) {
+        acc[i][j] = _mm512_fmadd_ps(_mm512_permutevar_ps(xb[j], i0), w0, acc[i][j]);
+        acc[i][j] = _mm512_fmadd_ps(_mm512_permutevar_ps(xb[j], i1), w1, acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    const __mmask16 m = i == MR - 1 ? last : static_cast<__mmask16>(0xFFFF);
+    for (int j = 0; j < NB; ++j) _mm512_mask_storeu_ps(y + j * ldy + r + 16 * i, m, acc[i][j]);
+  }
+}
+
+template <int MR>
+void tiles(int nb, const float* packed, int64_t ng, const float* x, int64_t ldx, int64_t r,
+           __mmask16 last, const float* bias, bool first, float* y, int64_t ldy) {
+  switch (nb) {
+    case 6: tile<MR, 6>(packed, ng, x, ldx, r, last, bias, first, y, ldy); break;
+    case 5: tile<MR, 5>(packed, ng, x, ldx, r, last, bias, first, y, ldy); break;
+    case 4: tile<MR, 4>(packed, ng, x, ldx, r, last, bias, first, y, ldy); break;
+    case 3: tile<MR, 3>(packed, ng, x, ldx, r, last, bias, first, y, ldy); break;
+    case 2: tile<MR, 2>(packed, ng, x, ldx, r, last, bias, first, y, ldy); break;
+    case 1: tile<MR, 1>(packed, ng, x, ldx, r, last, bias, first, y, ldy); break;
+    default: break;
+  }
+}
+static_assert(kNB == 6 && kMR == 2, "tiles covers 1..6 rows of x, 1..2 register rows");
+
+}  // namespace
+
+// Rows [r0, r1) for rows [0, a.batch) of x: a.x fp32 [batch, ldx] with K = 4 * groups
+// columns read (a multiple of 4: no padding columns), a.values fp32, y fp32 [batch, ldy].
+void forward_2_4_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, float* /*scratch*/) {
+  const NMLayout& L = a.layout;
+  const int64_t block = std::min<int64_t>(kBlockRows, r1 - r0);
+  const int64_t vecs = (block + 15) / 16;
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float[], Free> packed(static_cast<float*>(
+      std::aligned_alloc(64, static_cast<size_t>(vecs * kGroups * kPacked * 4))));
+  for (int64_t rb = r0; rb < r1; rb += block) {
+    const int64_t re = std::min(rb + block, r1), nv = (re - rb + 15) / 16;
+    const int64_t tail = re - (rb + 16 * (nv - 1));  // rows in the last register row
+    for (int64_t g0 = 0; g0 < L.groups; g0 += kGroups) {
+      const int64_t ng = std::min(kGroups, L.groups - g0);
+      const bool first = g0 == 0, final = g0 + ng >= L.groups;
+      for (int64_t v = 0; v < nv; ++v) pack(a, rb + 16 * v, re, g0, ng, packed.get() + v * ng * kPacked);
+      // The next K block's rows (or the next block's first) into L2, spread over the tiles.
+      LaneRowPrefetch next;
+      if (!final) {
+        next.start(a, 4, rb, re, g0 + kGroups, kGroups);
+      } else {
+        next.start(a, 4, re, std::min(re + block, r1), 0, kGroups);
+      }
+      const int64_t count = (a.batch + kNB - 1) / kNB * ((nv + kMR - 1) / kMR);
+      const int64_t per = (next.remaining() + count - 1) / count;
+      for (int64_t b0 = 0; b0 < a.batch; b0 += kNB) {
+        const int nb = static_cast<int>(std::min<int64_t>(kNB, a.batch - b0));
+        const float* x = a.x + b0 * a.ldx + 4 * g0;
+        float* yb = a.y + b0 * a.ldy;
+        for (int64_t v = 0; v < nv; v += kMR) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMR, nv - v));
+          const __mmask16 last = static_cast<__mmask16>(
+              v + mr == nv && tail < 16 ? (1u << tail) - 1 : 0xFFFF);
+          const float* pv = packed.get() + v * ng * kPacked;
+          if (mr == 2) {
+            tiles<2>(nb, pv, ng, x, a.ldx, rb + 16 * v, last, a.bias, first, yb, a.ldy);
+          } else {
+            tiles<1>(nb, pv, ng, x, a.ldx, rb + 16 * v, last, a.bias, first, yb, a.ldy);
+          }
+          next.step(per);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace spmm_avx512
+}  // namespace sparsekit
+
+#pragma GCC pop_options
+#endif
