@@ -414,9 +414,15 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
                L, rows, 0, nullptr, nullptr, nullptr, bias_p, 0, true,
                x2.const_data_ptr<float>(), x2.stride(0), y.data_ptr<float>(), rows};
     a.batch = batch;
+    std::vector<int64_t> goff(static_cast<size_t>(L.groups));
+    for (int64_t g = 0; g < L.groups; ++g) goff[static_cast<size_t>(g)] = 4 * g;
+    LaneRows src;
+    src.x = x2.const_data_ptr<float>();
+    src.ldx = x2.stride(0);
+    src.goff = goff.data();
     const int64_t vecs = (rows + 15) / 16;
     at::parallel_for(0, vecs, 1, [&](int64_t v0, int64_t v1) {
-      kern.forward_2_4_lanes(a, 16 * v0, std::min(rows, 16 * v1), nullptr);
+      kern.forward_2_4_lanes(a, 16 * v0, std::min(rows, 16 * v1), src);
     });
     return y.view(with_last(x, rows));
   }
@@ -545,6 +551,7 @@ at::Tensor nm_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const a
 // The CPU ISA the product kernels run with ("avx512", "avx2", "scalar"), and a way to force
 // one (tests exercise every variant the machine supports). Declared in sparsekit.cpp.
 std::string spmm_active_isa() { return active_kernels().isa; }
+const SpmmKernels& spmm_active_kernels() { return active_kernels(); }
 
 bool spmm_set_isa(const std::string& isa) {
   const SpmmKernels* k = cpu_supports(isa.c_str()) ? kernels_for(isa) : nullptr;

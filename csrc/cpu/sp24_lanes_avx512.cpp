@@ -1,6 +1,7 @@
 // 2:4 fp32 forward for many rows of x in the lanes form, part of the AVX-512 variants: 16
-// weight rows per register, one row of x broadcast. No torch header: plain pointers
-// through SpmmArgs.
+// weight rows per register, one row of x broadcast; rows of x are those of a row-major
+// matrix (nm_linear) or a convolution's output pixels over its NHWC input (nm_conv2d, an
+// implicit GEMM). No torch header: plain pointers through SpmmArgs and LaneRows (spmm.h).
 //
 // y[b, r .. r + 16] += w0 * x[b, 4g + i0] + w1 * x[b, 4g + i1] per group g, where w0, w1 hold
 // the 16 rows' two kept values and i0, i1 their indices in the group. The group's 4 floats
@@ -81,11 +82,11 @@ void pack(const SpmmArgs& a, int64_t rv, int64_t rend, int64_t g0, int64_t ng, f
 }
 
 // MR register rows (weight rows r .. r + 16 * MR, the last `last` lanes wide) by NB rows of x
-// (x: row b0 at the K block's first column) over ng groups, summed into y (started from the
-// bias or zero when `first`).
+// (x[j]: row j's start, goff: the K block's group offsets) over ng groups, summed into y
+// (started from the bias or zero when `first`).
 template <int MR, int NB>
-void tile(const float* packed, int64_t ng, const float* x, int64_t ldx, int64_t r, __mmask16 last,
-          const float* bias, bool first, float* y, int64_t ldy) {
+void tile(const float* packed, int64_t ng, const float* const* x, const int64_t* goff, int64_t r,
+          __mmask16 last, const float* bias, bool first, float* y, int64_t ldy) {
   __m512 acc[MR][NB];
   for (int i = 0; i < MR; ++i) {
     const __mmask16 m = i == MR - 1 ? last : static_cast<__mmask16>(0xFFFF);
@@ -96,7 +97,8 @@ void tile(const float* packed, int64_t ng, const float* x, int64_t ldx, int64_t 
   }
   for (int64_t g = 0; g < ng; ++g) {
     __m512 xb[NB];
-    for (int j = 0; j < NB; ++j) xb[j] = _mm512_broadcast_f32x4(_mm_loadu_ps(x + j * ldx + 4 * g));
+    const int64_t o = goff[g];
+    for (int j = 0; j < NB; ++j) xb[j] = _mm512_broadcast_f32x4(_mm_loadu_ps(x[j] + o));
     for (int i = 0; i < MR; ++i) {
       const float* p = packed + (i * ng + g) * kPacked;
       const __m512 w0 = _mm512_load_ps(p), w1 = _mm512_load_ps(p + 16);
@@ -114,15 +116,15 @@ void tile(const float* packed, int64_t ng, const float* x, int64_t ldx, int64_t 
 }
 
 template <int MR>
-void tiles(int nb, const float* packed, int64_t ng, const float* x, int64_t ldx, int64_t r,
-           __mmask16 last, const float* bias, bool first, float* y, int64_t ldy) {
+void tiles(int nb, const float* packed, int64_t ng, const float* const* x, const int64_t* goff,
+           int64_t r, __mmask16 last, const float* bias, bool first, float* y, int64_t ldy) {
   switch (nb) {
-    case 6: tile<MR, 6>(packed, ng, x, ldx, r, last, bias, first, y, ldy); break;
-    case 5: tile<MR, 5>(packed, ng, x, ldx, r, last, bias, first, y, ldy); break;
-    case 4: tile<MR, 4>(packed, ng, x, ldx, r, last, bias, first, y, ldy); break;
-    case 3: tile<MR, 3>(packed, ng, x, ldx, r, last, bias, first, y, ldy); break;
-    case 2: tile<MR, 2>(packed, ng, x, ldx, r, last, bias, first, y, ldy); break;
-    case 1: tile<MR, 1>(packed, ng, x, ldx, r, last, bias, first, y, ldy); break;
+    case 6: tile<MR, 6>(packed, ng, x, goff, r, last, bias, first, y, ldy); break;
+    case 5: tile<MR, 5>(packed, ng, x, goff, r, last, bias, first, y, ldy); break;
+    case 4: tile<MR, 4>(packed, ng, x, goff, r, last, bias, first, y, ldy); break;
+    case 3: tile<MR, 3>(packed, ng, x, goff, r, last, bias, first, y, ldy); break;
+    case 2: tile<MR, 2>(packed, ng, x, goff, r, last, bias, first, y, ldy); break;
+    case 1: tile<MR, 1>(packed, ng, x, goff, r, last, bias, first, y, ldy); break;
     default: break;
   }
 }
@@ -130,9 +132,9 @@ static_assert(kNB == 6 && kMR == 2, "tiles covers 1..6 rows of x, 1..2 register 
 
 }  // namespace
 
-// Rows [r0, r1) for rows [0, a.batch) of x: a.x fp32 [batch, ldx] with K = 4 * groups
-// columns read (a multiple of 4: no padding columns), a.values fp32, y fp32 [batch, ldy].
-void forward_2_4_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, float* /*scratch*/) {
+// Rows [r0, r1) for the a.batch rows of x that `rows` describes (spmm.h: LaneRows), a.values
+// fp32 with K = 4 * groups (no padding columns), into a.y [a.batch, a.ldy] fp32.
+void forward_2_4_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, const LaneRows& rows) {
   const NMLayout& L = a.layout;
   const int64_t block = std::min<int64_t>(kBlockRows, r1 - r0);
   const int64_t vecs = (block + 15) / 16;
@@ -159,7 +161,9 @@ void forward_2_4_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, float* /*scrat
       const int64_t per = (next.remaining() + count - 1) / count;
       for (int64_t b0 = 0; b0 < a.batch; b0 += kNB) {
         const int nb = static_cast<int>(std::min<int64_t>(kNB, a.batch - b0));
-        const float* x = a.x + b0 * a.ldx + 4 * g0;
+        const float* x[kNB];
+        for (int j = 0; j < nb; ++j) x[j] = rows.row(b0 + j);
+        const int64_t* goff = rows.goff + g0;
         float* yb = a.y + b0 * a.ldy;
         for (int64_t v = 0; v < nv; v += kMR) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, nv - v));
@@ -167,9 +171,9 @@ void forward_2_4_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, float* /*scrat
               v + mr == nv && tail < 16 ? (1u << tail) - 1 : 0xFFFF);
           const float* pv = packed.get() + v * ng * kPacked;
           if (mr == 2) {
-            tiles<2>(nb, pv, ng, x, a.ldx, rb + 16 * v, last, a.bias, first, yb, a.ldy);
+            tiles<2>(nb, pv, ng, x, goff, rb + 16 * v, last, a.bias, first, yb, a.ldy);
           } else {
-            tiles<1>(nb, pv, ng, x, a.ldx, rb + 16 * v, last, a.bias, first, yb, a.ldy);
+            tiles<1>(nb, pv, ng, x, goff, rb + 16 * v, last, a.bias, first, yb, a.ldy);
           }
           next.step(per);
         }

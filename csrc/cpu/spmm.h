@@ -48,6 +48,23 @@ struct SpmmArgs {
   int pair_tile = 64;       // the pair GEMM's rows of x per tile: 32 or 64
 };
 
+// The rows of x of the fp32 lanes forward: row p's group g (4 floats) at row(p) + goff[g].
+// Row-major x: row p at x + p * ldx, goff[g] = 4 * g. A convolution's implicit GEMM: row p
+// is output pixel (b, oh, ow), which starts at x + ((b * hp + oh * sh) * wp + ow * sw) *
+// channels in the zero-padded NHWC input [batch, hp, wp, channels], and goff[g] is the
+// offset of group g's kernel position and channels from there.
+struct LaneRows {
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  int64_t out_h = 0, out_w = 0, hp = 0, wp = 0, channels = 0, sh = 1, sw = 1;  // out_w > 0: conv
+  const int64_t* goff = nullptr;  // [groups]
+  const float* row(int64_t p) const {
+    if (out_w == 0) return x + p * ldx;
+    const int64_t ow = p % out_w, q = p / out_w, oh = q % out_h, b = q / out_h;
+    return x + ((b * hp + oh * sh) * wp + ow * sw) * channels;
+  }
+};
+
 // 2:4 metadata byte -> the kept columns of its two groups within their 8 columns, one
 // byte each: (idx0, idx1, 4 + idx0', 4 + idx1'), always < 8 even for corrupt metadata.
 struct MetaLanes24 {
@@ -92,10 +109,10 @@ struct SpmmKernels {
   // 2:4 grad input (groups range, like grad_input) and sddmm (rows), decoded on the fly.
   RowKernel grad_input_2_4[kMaxTileRegs];
   RowKernel sddmm_2_4[kMaxTileRegs];
-  // 2:4 fp32 forward for many rows of x in the lanes form (sp24_lanes_avx512.cpp): x
-  // [batch, ldx] fp32 row-major with K a multiple of 4, y [batch, ldy] fp32, rows [r0, r1);
-  // null where the ISA has none.
-  RowKernel forward_2_4_lanes = nullptr;
+  // 2:4 fp32 forward for many rows of x in the lanes form (sp24_lanes_avx512.cpp): fp32
+  // values (K a multiple of 4), rows [r0, r1) for the a.batch rows of x that LaneRows
+  // describes, into y [a.batch, a.ldy] fp32; null where the ISA has none.
+  void (*forward_2_4_lanes)(const SpmmArgs&, int64_t, int64_t, const LaneRows&) = nullptr;
   // 2:4 forward for bf16 values and x with bf16 dot products (AVX512-BF16), every row of x
   // over rows [r0, r1) (SpmmArgs::x16, batch, y); null where the ISA has none.
   RowKernel forward_2_4_bf16 = nullptr;

@@ -152,7 +152,7 @@ const ConvKernels& conv_kernels_avx512() {
 }
 
 namespace spmm_avx512 {
-void forward_2_4_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, float* scratch);  // sp24_lanes_avx512.cpp
+void forward_2_4_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, const LaneRows& rows);  // sp24_lanes_avx512.cpp
 }
 
 const SpmmKernels& spmm_kernels_avx512() {
