@@ -42,7 +42,7 @@ def test_fp64_backward_with_a_last_group_shorter_than_n(in_features, pattern):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("batch", [1, 3, 20])
+@pytest.mark.parametrize("batch", [1, 3, 20, 40, 70])  # 40, 70: the batch forwards
 @pytest.mark.parametrize("k,rows", [(0, 3), (4, 0), (0, 0)])
 def test_ops_with_k_zero_or_no_rows_match_the_reference(dtype, batch, k, rows):
     n, m = 2, 4

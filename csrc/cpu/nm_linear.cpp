@@ -334,7 +334,8 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     a.ldx = ldx;
     a.batch = batch;
     a.y16 = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-    if (kern.forward_2_4_bf16_lanes != nullptr && batch >= bf16_pairs_batch() && bf16_batch_lanes()) {
+    if (kern.forward_2_4_bf16_lanes != nullptr && batch >= bf16_pairs_batch() && bf16_batch_lanes() &&
+        L.groups > 0) {  // (K = 0: the bias alone, below)
       // Many rows of x, the lanes form: threads split the weight rows (whole registers of
       // 16); partial sums wait in an fp32 buffer of the calling thread between K blocks.
       float* yf = reinterpret_cast<float*>(pair_scratch(batch * rows));
@@ -342,7 +343,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
       at::parallel_for(0, vecs, 1, [&](int64_t v0, int64_t v1) {
         kern.forward_2_4_bf16_lanes(a, 16 * v0, std::min(rows, 16 * v1), yf);
       });
-    } else if (kern.forward_2_4_bf16_pairs != nullptr && batch >= bf16_pairs_batch()) {
+    } else if (kern.forward_2_4_bf16_pairs != nullptr && batch >= bf16_pairs_batch() && L.groups > 0) {
       // Many rows of x: prepare x's column pairs once, then the pair GEMM.
       const bool by_tiles = weight_bytes <= kSmallWeightBytes && batch > 64;
       a.pair_tile = pair_tile_for(by_tiles);
@@ -407,7 +408,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   }
   if (n == 2 && m == 4 && kern.forward_2_4_lanes != nullptr && fp32_batch_lanes() &&
       values.scalar_type() == at::kFloat && x2.scalar_type() == at::kFloat && kp == k &&
-      x2.stride(1) == 1) {
+      x2.stride(1) == 1 && L.groups > 0) {  // (K = 0: the bias alone, below)
     // The lanes form: x read in place, y written directly; threads split the weight rows
     // (whole registers of 16).
     SpmmArgs a{values_c.const_data_ptr(), ValueType::kFloat32, meta_c.const_data_ptr<uint8_t>(),
