@@ -325,13 +325,14 @@ def test_bf16_2_4_pair_gemm_in_a_subprocess():
 
 @pytest.mark.parametrize("rows", [3, 17, 300])
 @pytest.mark.parametrize("batch", [17, 18, 19, 20, 21, 22, 130])
-@pytest.mark.parametrize("k", [4, 68, 1000])
+@pytest.mark.parametrize("k", [4, 68, 1200])
 def test_fp32_2_4_lanes_every_remainder(isa, rows, batch, k):
     # From 17 rows of x, fp32 2:4 with K a multiple of 4 runs the lanes form on AVX-512 (16
-    # weight rows per register, tiles of 2 registers by 6 rows of x, K blocks of 64 groups,
-    # rows in blocks of 128): batches 17-22 end on every remainder of 6, rows 3 / 17 / 300
-    # leave a partial register, an odd count of registers and three row blocks, K 1000 runs
-    # four K blocks. Inf at the pruned columns of x must not reach y (only kept columns are
+    # weight rows per register, tiles of 2 registers by 6 rows of x, rows in blocks of 128,
+    # K blocks of up to 512 KB packed: 256 groups for a whole block): batches 17-22 end on
+    # every remainder of 6, rows 3 / 17 / 300 leave a partial register, an odd count of
+    # registers and three row blocks, K 1200 (300 groups) runs two K blocks where a block
+    # has 8 registers. Inf at the pruned columns of x must not reach y (only kept columns are
     # moved into the lanes); x as a row-strided view is read in place.
     t, x, gy, bias = operands((batch,), k, rows, 2, 4, torch.float32)
     ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, 2, 4)

@@ -77,9 +77,10 @@ int64_t window_per_channel(int64_t width, int64_t wq, int64_t kh, int64_t dh, in
 // of reduction index (i * kw + j) * C_in + c reads 4 channels at one fixed offset from a
 // pixel's receptive field (LaneRows, spmm.h). SPARSEKIT_CPU_CONV=planes keeps the
 // stride-phase plane kernels below. Measured on Zen 5 (2 threads), ResNet-18's 3x3 layers
-// against F.conv2d in the same run: at batch 1 0.98-1.38x (the plane kernels 0.72-1.05x),
-// at batch 16 0.59-1.06x (0.52-0.81x; the 64-channel layers at 56x56 lose most, where
-// F.conv2d runs near the FMA peak and the copies to and from NHWC cost 13%).
+// against F.conv2d in the same run: at batch 1 1.01-1.45x (the plane kernels 0.72-1.05x),
+// at batch 16 0.90-1.12x where F.conv2d's time held still (0.52-0.81x; the 56x56 layers
+// lose most: F.conv2d runs near the FMA peak there, and the copies to and from NHWC cost
+// 13% of the 64-channel one).
 bool conv_lanes() {
   static const bool lanes = [] {
     const char* env = std::getenv("SPARSEKIT_CPU_CONV");
