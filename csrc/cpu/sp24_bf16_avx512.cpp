@@ -476,8 +476,9 @@ void forward_pairs(const SpmmArgs& a, int64_t r0, int64_t r1, const uint32_t* pa
 // A shuffle per product costs nothing there: Zen 5 issues it beside the dot products.
 constexpr int kLaneMR = 2;                  // register rows (16 weight rows each) per tile
 constexpr int kLaneNB = 6;                  // rows of x per tile
-constexpr int64_t kLaneGroups = 64;         // groups per K block
-constexpr int64_t kLaneBlockRows = 256;     // weight rows per block (packed: 128 KB)
+constexpr int64_t kLaneGroups = 64;         // groups per K block, at least
+constexpr int64_t kLaneBlockRows = 256;     // weight rows per block
+constexpr int64_t kLanePackedBytes = 512 << 10;  // a block's packed K block, at most (in L2)
 
 // Metadata nibble (first kept index | second << 2) -> the lane's vpshufb control: bytes
 // 2a, 2a + 1, 2b, 2b + 1 of the group's 8 bytes of x (a broadcast qword: every 128-bit
@@ -601,16 +602,19 @@ void forward_2_4_bf16_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, float* yf
   const __m512i table = lane_control_table();
   const int64_t block = std::min<int64_t>(kLaneBlockRows, r1 - r0);
   const int64_t vecs = (block + 15) / 16;
+  // K blocks as long as the packed block fits in kLanePackedBytes (sums stay in registers
+  // over the block; see the fp32 lanes form).
+  const int64_t kg = std::max(kLaneGroups, kLanePackedBytes / (vecs * 32 * 4) / kLaneGroups * kLaneGroups);
   struct Free {
     void operator()(uint32_t* p) const { std::free(p); }
   };
   std::unique_ptr<uint32_t[], Free> packed(static_cast<uint32_t*>(
-      std::aligned_alloc(64, static_cast<size_t>(vecs * kLaneGroups * 32 * 4))));
+      std::aligned_alloc(64, static_cast<size_t>(vecs * std::min(kg, L.groups) * 32 * 4))));
   for (int64_t rb = r0; rb < r1; rb += block) {
     const int64_t re = std::min(rb + block, r1), nv = (re - rb + 15) / 16;
     const int64_t tail = re - (rb + 16 * (nv - 1));  // rows in the last register row
-    for (int64_t g0 = 0; g0 < L.groups; g0 += kLaneGroups) {
-      const int64_t ng = std::min(kLaneGroups, L.groups - g0);
+    for (int64_t g0 = 0; g0 < L.groups; g0 += kg) {
+      const int64_t ng = std::min(kg, L.groups - g0);
       const bool first = g0 == 0, final = g0 + ng >= L.groups;
       for (int64_t v = 0; v < nv; ++v) pack_lanes(a, rb + 16 * v, re, g0, ng, packed.get() + v * ng * 32, table);
       // The next K block's rows (or the next block's first) into L2 while this one runs,
@@ -619,9 +623,9 @@ void forward_2_4_bf16_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, float* yf
       // of the time at batch 64).
       LaneRowPrefetch next;
       if (!final) {
-        next.start(a, 2, rb, re, g0 + kLaneGroups, kLaneGroups);
+        next.start(a, 2, rb, re, g0 + kg, kg);
       } else {
-        next.start(a, 2, re, std::min(re + block, r1), 0, kLaneGroups);
+        next.start(a, 2, re, std::min(re + block, r1), 0, kg);
       }
       const int64_t tiles = (a.batch + kLaneNB - 1) / kLaneNB * ((nv + kLaneMR - 1) / kLaneMR);
       const int64_t per = (next.remaining() + tiles - 1) / tiles;
