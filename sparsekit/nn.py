@@ -484,6 +484,12 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
         lin = self.linear
         if lin.unstructured:  # the bitmask product on unfolded patches
             return self._unfolded_product(x, padding)
+        if (x.device.type == "cpu" and lin.values.dtype == torch.float32 and lin.n == 2
+                and lin.m == 4 and self.in_channels % 4 == 0):
+            # The fp32 2:4 CPU kernel reads x as NHWC and writes y channels-last; given a
+            # channels-last x it returns y so, without a copy back to NCHW, and the layers
+            # after it (pooling above all) run faster on channels-last.
+            x = x.contiguous(memory_format=torch.channels_last)
         return ops.nm_conv2d(x, lin.values, lin.metadata, lin.bias, self.in_channels, kh, kw,
                              self.stride, padding, self.dilation, lin.n, lin.m)
 

@@ -310,7 +310,8 @@ def _nm_conv2d_fake(x, values, metadata, bias, in_channels, kh, kw, stride, padd
                  lambda: "values must be [out, ceil(kh*kw*in_channels/m)*n]")
     out_h, out_w = conv2d_output_size(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation)
     torch._check(out_h > 0 and out_w > 0, lambda: "x is smaller than the dilated kernel")
-    return x.new_empty((x.shape[0], values.shape[0], out_h, out_w))
+    y = x.new_empty((x.shape[0], values.shape[0], out_h, out_w))
+    return y.contiguous(memory_format=reference.conv2d_output_format(x))
 
 
 def conv2d_patches(x, kh: int, kw: int, stride, padding, dilation) -> torch.Tensor:

@@ -176,12 +176,21 @@ def nm_conv2d(x, values, metadata, bias, in_channels: int, kh: int, kw: int, str
               dilation, n: int, m: int) -> torch.Tensor:
     """2-D convolution with the weight (values, metadata) [out, kh*kw*in_channels], the conv
     weight [out, in_channels, kh, kw] permuted to [out, kh, kw, in_channels] and flattened
-    (DESIGN.md); returns a contiguous [B, out, H_out, W_out] tensor."""
+    (DESIGN.md); returns a [B, out, H_out, W_out] tensor, channels-last in memory when x is
+    (and not also NCHW-contiguous), else contiguous: the layout every nm_conv2d returns."""
     rows = values.shape[0]
     w = nm_decompress(values, metadata, kh * kw * in_channels, n, m)
     w = w.view(rows, kh, kw, in_channels).permute(0, 3, 1, 2)
     y = torch.nn.functional.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
-    return y.contiguous()
+    return y.contiguous(memory_format=conv2d_output_format(x))
+
+
+def conv2d_output_format(x: torch.Tensor) -> torch.memory_format:
+    """nm_conv2d's output layout for input x: channels-last when x is channels-last and not
+    also NCHW-contiguous (a tensor with one channel or 1x1 images is both), else NCHW."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 # -- masked products (a dense weight and a mask: sparsekit.prune's masks while training) --

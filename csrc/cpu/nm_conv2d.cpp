@@ -8,6 +8,13 @@
 // offset table of every reduction index and the channel-block segments, then runs tiles
 // of output pixels x blocks of output channels on torch's OpenMP pool and scatters each
 // tile's valid pixels into the NCHW output.
+//
+// The result is channels-last in memory when x is (and not also NCHW-contiguous), else NCHW,
+// on every path, as the fake implementation and the reference promise
+// (reference.conv2d_output_format). SparseConv2d hands the fp32 2:4 kernel a channels-last
+// x, so its channels-last result needs no copy back, and the layers after it run on
+// channels-last: torch's NCHW max pooling ran 18x slower than its channels-last one here
+// (256x64x8x8, the digits CNN: 3.7 ms against 0.2), which made that model 0.89x dense.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -81,6 +88,15 @@ int64_t window_per_channel(int64_t width, int64_t wq, int64_t kh, int64_t dh, in
 // at batch 16 0.90-1.12x where F.conv2d's time held still (0.52-0.81x; the 56x56 layers
 // lose most: F.conv2d runs near the FMA peak there, and the copies to and from NHWC cost
 // 13% of the 64-channel one).
+// The output's memory layout (as reference.conv2d_output_format and the fake promise):
+// channels-last when x is channels-last and not also NCHW-contiguous, else NCHW.
+bool channels_last_out(const at::Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+}
+at::MemoryFormat output_format(const at::Tensor& x) {
+  return channels_last_out(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 bool conv_lanes() {
   static const bool lanes = [] {
     const char* env = std::getenv("SPARSEKIT_CPU_CONV");
@@ -124,7 +140,8 @@ at::Tensor conv_lanes_forward(const SpmmKernels& kern, const at::Tensor& x, cons
   at::parallel_for(0, vecs, 1, [&](int64_t v0, int64_t v1) {
     kern.forward_2_4_lanes(a, 16 * v0, std::min(rows, 16 * v1), src);
   });
-  return yn.permute({0, 3, 1, 2}).contiguous();
+  const at::Tensor y = yn.permute({0, 3, 1, 2});  // channels-last in memory
+  return channels_last_out(x) ? y : y.contiguous();
 }
 
 at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
@@ -165,9 +182,11 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
     const at::Tensor w = decompress_dense(values, metadata, k, n, m)
                              .view({rows, kh, kw, in_channels})
                              .permute({0, 3, 1, 2});
-    return at::conv2d(x, w, bias, {sh, sw}, {ph, pw}, {dh, dw});
+    return at::conv2d(x, w, bias, {sh, sw}, {ph, pw}, {dh, dw}).contiguous(output_format(x));
   }
-  if (batch == 0 || rows == 0) return at::empty({batch, rows, out_h, out_w}, x.options());
+  if (batch == 0 || rows == 0) {
+    return at::empty({batch, rows, out_h, out_w}, x.options().memory_format(output_format(x)));
+  }
   const SpmmKernels& skern = spmm_active_kernels();
   if (dtype == at::kFloat && values.scalar_type() == at::kFloat && n == 2 && m == 4 &&
       in_channels % 4 == 0 && skern.forward_2_4_lanes != nullptr && conv_lanes()) {
@@ -298,7 +317,7 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
       }
     }
   });
-  return dtype == at::kFloat ? y : y.to(dtype);
+  return (dtype == at::kFloat ? y : y.to(dtype)).contiguous(output_format(x));
 }
 
 }  // namespace
