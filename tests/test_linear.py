@@ -244,17 +244,17 @@ def test_double_backward_through_nm_linear():
                                         (x, values))
 
 
-def check_bf16_2_4_with_inf_at_pruned_columns(batch, k, rows):
-    """nm_linear of a bf16 2:4 weight against the fp64 reference, with inf in the columns of
-    x that every row pruned: only kept entries may be read, so y stays finite. Returns the
+def check_2_4_with_inf_at_pruned_columns(batch, k, rows, dtype=torch.bfloat16):
+    """nm_linear of a 2:4 weight against the fp64 reference, with inf in the columns of x
+    that every row pruned: only kept entries may be read, so y stays finite. Returns the
     weight and the finite x."""
-    t, x, gy, bias = operands((batch,), k, rows, 2, 4, torch.bfloat16)
+    t, x, gy, bias = operands((batch,), k, rows, 2, 4, dtype)
     ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, 2, 4)
     x_inf = x.clone()
     x_inf[:, t.to_dense().ne(0).sum(0).eq(0)] = float("inf")
     y = ops.nm_linear(x_inf, t.values, t.metadata, bias, k, 2, 4)
     assert torch.isfinite(y).all()
-    assert rel_err(y, ref) < TOL[torch.bfloat16]
+    assert rel_err(y, ref) < TOL[dtype]
     return t, x
 
 
@@ -265,7 +265,7 @@ def test_bf16_2_4_every_row_and_batch_remainder(isa, rows, batch, k):
     # The bf16 dot-product forward (avx512bf16) works on 4 weight rows by 4 rows of x and
     # 64-column chunks: every remainder of each, and K ending inside a chunk and a group.
     # Inf at pruned columns of x must not reach y (only kept entries are gathered).
-    check_bf16_2_4_with_inf_at_pruned_columns(batch, k, rows)
+    check_2_4_with_inf_at_pruned_columns(batch, k, rows)
 
 
 def test_isa_fixture_forces_the_variant(isa):
@@ -290,7 +290,7 @@ def test_bf16_2_4_batch_form_every_remainder(isa, rows, batch, k):
     # test_bf16_2_4_pair_gemm_in_a_subprocess): every remainder of each (rows 300: two and
     # three row blocks), K ending inside a block and inside a group, and inf at the pruned
     # columns of x (only kept entries are read).
-    t, x = check_bf16_2_4_with_inf_at_pruned_columns(batch, k, rows)
+    t, x = check_2_4_with_inf_at_pruned_columns(batch, k, rows)
     # Without bias, and with x as a strided view (copied into whole 64-column rows first).
     xs = torch.stack([x, -x], 2).flatten(1)[:, ::2]
     assert torch.equal(xs, x)
@@ -306,7 +306,7 @@ def test_bf16_2_4_lanes_every_batch_remainder(isa, rows, batch, k):
     # The lanes form's register tiles hold 6 rows of x: batches 32-37 end on every
     # remainder (2, 3, 4, 5, 0, 1); rows 3 fill part of one register, rows 300 leave an odd
     # count of registers (one register row in the last tile) with 12 rows in the last one.
-    check_bf16_2_4_with_inf_at_pruned_columns(batch, k, rows)
+    check_2_4_with_inf_at_pruned_columns(batch, k, rows)
 
 
 def test_bf16_2_4_pair_gemm_in_a_subprocess():
@@ -334,13 +334,7 @@ def test_fp32_2_4_lanes_every_remainder(isa, rows, batch, k):
     # registers and three row blocks, K 1200 (300 groups) runs two K blocks where a block
     # has 8 registers. Inf at the pruned columns of x must not reach y (only kept columns are
     # moved into the lanes); x as a row-strided view is read in place.
-    t, x, gy, bias = operands((batch,), k, rows, 2, 4, torch.float32)
-    ref = reference.nm_linear(x.double(), t.values.double(), t.metadata, bias.double(), k, 2, 4)
-    x_inf = x.clone()
-    x_inf[:, t.to_dense().ne(0).sum(0).eq(0)] = float("inf")
-    y = ops.nm_linear(x_inf, t.values, t.metadata, bias, k, 2, 4)
-    assert torch.isfinite(y).all()
-    assert rel_err(y, ref) < TOL[torch.float32]
+    t, x = check_2_4_with_inf_at_pruned_columns(batch, k, rows, torch.float32)
     wide = torch.randn(batch, k + 8)
     wide[:, :k] = x
     ref0 = reference.nm_linear(x.double(), t.values.double(), t.metadata, None, k, 2, 4)

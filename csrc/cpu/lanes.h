@@ -50,6 +50,30 @@ struct LaneRowPrefetch {
 
 namespace {
 
+// A lanes tile's sums: MR registers of 16 weight rows (from row r; the last register
+// `last` lanes wide) by NB rows of x, in y [.., ldy] fp32 between K blocks. Started from the
+// bias (or zero) at the first K block, else loaded from y.
+template <int MR, int NB>
+inline void lane_sums_load(__m512 (&acc)[MR][NB], int64_t r, __mmask16 last, const float* bias,
+                           bool first, const float* y, int64_t ldy) {
+  for (int i = 0; i < MR; ++i) {
+    const __mmask16 m = i == MR - 1 ? last : static_cast<__mmask16>(0xFFFF);
+    for (int j = 0; j < NB; ++j) {
+      acc[i][j] = first ? (bias != nullptr ? _mm512_maskz_loadu_ps(m, bias + r + 16 * i) : _mm512_setzero_ps())
+                        : _mm512_maskz_loadu_ps(m, y + j * ldy + r + 16 * i);
+    }
+  }
+}
+
+template <int MR, int NB>
+inline void lane_sums_store(const __m512 (&acc)[MR][NB], int64_t r, __mmask16 last, float* y, int64_t ldy) {
+  for (int i = 0; i < MR; ++i) {
+    const __mmask16 m = i == MR - 1 ? last : static_cast<__mmask16>(0xFFFF);
+    for (int j = 0; j < NB; ++j) _mm512_mask_storeu_ps(y + j * ldy + r + 16 * i, m, acc[i][j]);
+  }
+}
+
+
 // 16x16 transpose of 32-bit lanes: r[i] lane j -> r[j] lane i.
 inline void transpose16(__m512i (&r)[16]) {
   __m512i t[16];

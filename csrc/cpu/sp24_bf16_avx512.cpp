@@ -533,13 +533,7 @@ template <int MR, int NB>
 void lane_tile(const uint32_t* packed, int64_t ng, const uint16_t* x, int64_t ldx, int64_t r,
                __mmask16 last, const float* bias, bool first, float* yf, uint16_t* out16, int64_t ldy) {
   __m512 acc[MR][NB];
-  for (int i = 0; i < MR; ++i) {
-    const __mmask16 m = i == MR - 1 ? last : static_cast<__mmask16>(0xFFFF);
-    for (int j = 0; j < NB; ++j) {
-      acc[i][j] = first ? (bias != nullptr ? _mm512_maskz_loadu_ps(m, bias + r + 16 * i) : _mm512_setzero_ps())
-                        : _mm512_maskz_loadu_ps(m, yf + j * ldy + r + 16 * i);
-    }
-  }
+  lane_sums_load(acc, r, last, bias, first, yf, ldy);
   for (int64_t g = 0; g < ng; ++g) {
     __m512i xb[NB];
     for (int j = 0; j < NB; ++j) {
@@ -556,15 +550,12 @@ void lane_tile(const uint32_t* packed, int64_t ng, const uint16_t* x, int64_t ld
       }
     }
   }
+  if (out16 == nullptr) return lane_sums_store(acc, r, last, yf, ldy);
   for (int i = 0; i < MR; ++i) {
     const __mmask16 m = i == MR - 1 ? last : static_cast<__mmask16>(0xFFFF);
     for (int j = 0; j < NB; ++j) {
-      if (out16 != nullptr) {
-        _mm256_mask_storeu_epi16(out16 + j * ldy + r + 16 * i, m,
-                                 reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[i][j])));
-      } else {
-        _mm512_mask_storeu_ps(yf + j * ldy + r + 16 * i, m, acc[i][j]);
-      }
+      _mm256_mask_storeu_epi16(out16 + j * ldy + r + 16 * i, m,
+                               reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[i][j])));
     }
   }
 }

@@ -89,13 +89,7 @@ template <int MR, int NB>
 void tile(const float* packed, int64_t ng, const float* const* x, const int64_t* goff, int64_t r,
           __mmask16 last, const float* bias, bool first, float* y, int64_t ldy) {
   __m512 acc[MR][NB];
-  for (int i = 0; i < MR; ++i) {
-    const __mmask16 m = i == MR - 1 ? last : static_cast<__mmask16>(0xFFFF);
-    for (int j = 0; j < NB; ++j) {
-      acc[i][j] = first ? (bias != nullptr ? _mm512_maskz_loadu_ps(m, bias + r + 16 * i) : _mm512_setzero_ps())
-                        : _mm512_maskz_loadu_ps(m, y + j * ldy + r + 16 * i);
-    }
-  }
+  lane_sums_load(acc, r, last, bias, first, y, ldy);
   for (int64_t g = 0; g < ng; ++g) {
     __m512 xb[NB];
     const int64_t o = goff[g];
@@ -110,10 +104,7 @@ void tile(const float* packed, int64_t ng, const float* const* x, const int64_t*
       }
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    const __mmask16 m = i == MR - 1 ? last : static_cast<__mmask16>(0xFFFF);
-    for (int j = 0; j < NB; ++j) _mm512_mask_storeu_ps(y + j * ldy + r + 16 * i, m, acc[i][j]);
-  }
+  lane_sums_store(acc, r, last, y, ldy);
 }
 
 template <int MR>
