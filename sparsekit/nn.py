@@ -484,11 +484,11 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
         lin = self.linear
         if lin.unstructured:  # the bitmask product on unfolded patches
             return self._unfolded_product(x, padding)
-        if (x.device.type == "cpu" and lin.values.dtype == torch.float32 and lin.n == 2
-                and lin.m == 4 and self.in_channels % 4 == 0):
-            # The fp32 2:4 CPU kernel reads x as NHWC and writes y channels-last; given a
-            # channels-last x it returns y so, without a copy back to NCHW, and the layers
-            # after it (pooling above all) run faster on channels-last.
+        if (x.device.type == "cpu" and lin.values.dtype in (torch.float32, torch.bfloat16)
+                and lin.n == 2 and lin.m == 4 and self.in_channels % 4 == 0):
+            # The fp32 and bf16 2:4 CPU kernels read x as NHWC and write y channels-last;
+            # given a channels-last x they return y so, without a copy back to NCHW, and the
+            # layers after them (pooling above all) run faster on channels-last.
             x = x.contiguous(memory_format=torch.channels_last)
         return ops.nm_conv2d(x, lin.values, lin.metadata, lin.bias, self.in_channels, kh, kw,
                              self.stride, padding, self.dilation, lin.n, lin.m)

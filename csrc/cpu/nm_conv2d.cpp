@@ -121,25 +121,41 @@ at::Tensor conv_lanes_forward(const SpmmKernels& kern, const at::Tensor& x, cons
   const at::Tensor values_c = values.contiguous(), meta_c = metadata.contiguous();
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor yn = at::empty({batch, out_h, out_w, rows}, x.options());
-  SpmmArgs a{values_c.const_data_ptr(), ValueType::kFloat32, meta_c.const_data_ptr<uint8_t>(), L,
-             rows, 0, nullptr, nullptr, nullptr,
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  SpmmArgs a{values_c.const_data_ptr(), bf16 ? ValueType::kBFloat16 : ValueType::kFloat32,
+             meta_c.const_data_ptr<uint8_t>(), L, rows, 0, nullptr, nullptr, nullptr,
              bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr, 0, true, nullptr, 0,
-             yn.data_ptr<float>(), rows};
+             bf16 ? nullptr : yn.data_ptr<float>(), rows};
   a.batch = batch * out_h * out_w;
-  LaneRows src;
-  src.x = xn.const_data_ptr<float>();
-  src.out_h = out_h;
-  src.out_w = out_w;
-  src.hp = hp;
-  src.wp = wp;
-  src.channels = in_channels;
-  src.sh = sh;
-  src.sw = sw;
-  src.goff = goff.data();
+  auto describe = [&](auto& src, const auto* data) {
+    src.x = data;
+    src.out_h = out_h;
+    src.out_w = out_w;
+    src.hp = hp;
+    src.wp = wp;
+    src.channels = in_channels;
+    src.sh = sh;
+    src.sw = sw;
+    src.goff = goff.data();
+  };
   const int64_t vecs = (rows + 15) / 16;
-  at::parallel_for(0, vecs, 1, [&](int64_t v0, int64_t v1) {
-    kern.forward_2_4_lanes(a, 16 * v0, std::min(rows, 16 * v1), src);
-  });
+  if (bf16) {
+    LaneRows16 src;
+    describe(src, reinterpret_cast<const uint16_t*>(xn.const_data_ptr<at::BFloat16>()));
+    a.y16 = reinterpret_cast<uint16_t*>(yn.data_ptr<at::BFloat16>());
+    // fp32 sums between K blocks; its pages are only touched when K takes more than one.
+    const at::Tensor yf = at::empty({a.batch, rows}, x.options().dtype(at::kFloat));
+    float* yfp = yf.data_ptr<float>();
+    at::parallel_for(0, vecs, 1, [&](int64_t v0, int64_t v1) {
+      kern.forward_2_4_bf16_lanes(a, 16 * v0, std::min(rows, 16 * v1), src, yfp);
+    });
+  } else {
+    LaneRows src;
+    describe(src, xn.const_data_ptr<float>());
+    at::parallel_for(0, vecs, 1, [&](int64_t v0, int64_t v1) {
+      kern.forward_2_4_lanes(a, 16 * v0, std::min(rows, 16 * v1), src);
+    });
+  }
   const at::Tensor y = yn.permute({0, 3, 1, 2});  // channels-last in memory
   return channels_last_out(x) ? y : y.contiguous();
 }
@@ -188,8 +204,10 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
     return at::empty({batch, rows, out_h, out_w}, x.options().memory_format(output_format(x)));
   }
   const SpmmKernels& skern = spmm_active_kernels();
-  if (dtype == at::kFloat && values.scalar_type() == at::kFloat && n == 2 && m == 4 &&
-      in_channels % 4 == 0 && skern.forward_2_4_lanes != nullptr && conv_lanes()) {
+  const bool lanes_kernel = dtype == at::kFloat ? skern.forward_2_4_lanes != nullptr
+                          : dtype == at::kBFloat16 && skern.forward_2_4_bf16_lanes != nullptr;
+  if (lanes_kernel && values.scalar_type() == dtype && n == 2 && m == 4 && in_channels % 4 == 0 &&
+      conv_lanes()) {
     return conv_lanes_forward(skern, x, values, metadata, bias, L, in_channels, kh, kw, sh, sw,
                               ph, pw, dh, dw, out_h, out_w);
   }

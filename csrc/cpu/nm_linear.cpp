@@ -339,9 +339,13 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
       // Many rows of x, the lanes form: threads split the weight rows (whole registers of
       // 16); partial sums wait in an fp32 buffer of the calling thread between K blocks.
       float* yf = reinterpret_cast<float*>(pair_scratch(batch * rows));
+      LaneRows16 src;
+      src.x = a.x16;
+      src.ldx = ldx;
+      src.goff = identity_goff(L.groups);
       const int64_t vecs = (rows + 15) / 16;
       at::parallel_for(0, vecs, 1, [&](int64_t v0, int64_t v1) {
-        kern.forward_2_4_bf16_lanes(a, 16 * v0, std::min(rows, 16 * v1), yf);
+        kern.forward_2_4_bf16_lanes(a, 16 * v0, std::min(rows, 16 * v1), src, yf);
       });
     } else if (kern.forward_2_4_bf16_pairs != nullptr && batch >= bf16_pairs_batch() && L.groups > 0) {
       // Many rows of x: prepare x's column pairs once, then the pair GEMM.
@@ -415,12 +419,10 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
                L, rows, 0, nullptr, nullptr, nullptr, bias_p, 0, true,
                x2.const_data_ptr<float>(), x2.stride(0), y.data_ptr<float>(), rows};
     a.batch = batch;
-    std::vector<int64_t> goff(static_cast<size_t>(L.groups));
-    for (int64_t g = 0; g < L.groups; ++g) goff[static_cast<size_t>(g)] = 4 * g;
     LaneRows src;
     src.x = x2.const_data_ptr<float>();
     src.ldx = x2.stride(0);
-    src.goff = goff.data();
+    src.goff = identity_goff(L.groups);
     const int64_t vecs = (rows + 15) / 16;
     at::parallel_for(0, vecs, 1, [&](int64_t v0, int64_t v1) {
       kern.forward_2_4_lanes(a, 16 * v0, std::min(rows, 16 * v1), src);
@@ -572,6 +574,12 @@ TORCH_LIBRARY_IMPL(sparsekit, CPU, lib) {
   lib.impl("nm_linear", &nm_linear_cpu);
   lib.impl("nm_linear_grad_input", &nm_linear_grad_input_cpu);
   lib.impl("nm_sddmm", &nm_sddmm_cpu);
+}
+
+const int64_t* identity_goff(int64_t groups) {
+  thread_local std::vector<int64_t> table;
+  for (int64_t g = static_cast<int64_t>(table.size()); g < groups; ++g) table.push_back(4 * g);
+  return table.data();
 }
 
 }  // namespace sparsekit

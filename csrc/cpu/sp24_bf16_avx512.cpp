@@ -530,15 +530,16 @@ void pack_lanes(const SpmmArgs& a, int64_t rv, int64_t rend, int64_t g0, int64_t
 // (started from the bias or zero when `first`); when `out16` is set they are instead
 // written to it as bf16 (the K block is the last).
 template <int MR, int NB>
-void lane_tile(const uint32_t* packed, int64_t ng, const uint16_t* x, int64_t ldx, int64_t r,
+void lane_tile(const uint32_t* packed, int64_t ng, const uint16_t* const* x, const int64_t* goff, int64_t r,
                __mmask16 last, const float* bias, bool first, float* yf, uint16_t* out16, int64_t ldy) {
   __m512 acc[MR][NB];
   lane_sums_load(acc, r, last, bias, first, yf, ldy);
   for (int64_t g = 0; g < ng; ++g) {
     __m512i xb[NB];
+    const int64_t o = goff[g];
     for (int j = 0; j < NB; ++j) {
       uint64_t q;
-      std::memcpy(&q, x + j * ldx + 4 * g, sizeof(q));
+      std::memcpy(&q, x[j] + o, sizeof(q));
       xb[j] = _mm512_set1_epi64(static_cast<long long>(q));
     }
     for (int i = 0; i < MR; ++i) {
@@ -561,15 +562,16 @@ void lane_tile(const uint32_t* packed, int64_t ng, const uint16_t* x, int64_t ld
 }
 
 template <int MR>
-void lane_tiles(int nb, const uint32_t* packed, int64_t ng, const uint16_t* x, int64_t ldx, int64_t r,
-                __mmask16 last, const float* bias, bool first, float* yf, uint16_t* out16, int64_t ldy) {
+void lane_tiles(int nb, const uint32_t* packed, int64_t ng, const uint16_t* const* x, const int64_t* goff,
+                int64_t r, __mmask16 last, const float* bias, bool first, float* yf, uint16_t* out16,
+                int64_t ldy) {
   switch (nb) {
-    case 6: lane_tile<MR, 6>(packed, ng, x, ldx, r, last, bias, first, yf, out16, ldy); break;
-    case 5: lane_tile<MR, 5>(packed, ng, x, ldx, r, last, bias, first, yf, out16, ldy); break;
-    case 4: lane_tile<MR, 4>(packed, ng, x, ldx, r, last, bias, first, yf, out16, ldy); break;
-    case 3: lane_tile<MR, 3>(packed, ng, x, ldx, r, last, bias, first, yf, out16, ldy); break;
-    case 2: lane_tile<MR, 2>(packed, ng, x, ldx, r, last, bias, first, yf, out16, ldy); break;
-    case 1: lane_tile<MR, 1>(packed, ng, x, ldx, r, last, bias, first, yf, out16, ldy); break;
+    case 6: lane_tile<MR, 6>(packed, ng, x, goff, r, last, bias, first, yf, out16, ldy); break;
+    case 5: lane_tile<MR, 5>(packed, ng, x, goff, r, last, bias, first, yf, out16, ldy); break;
+    case 4: lane_tile<MR, 4>(packed, ng, x, goff, r, last, bias, first, yf, out16, ldy); break;
+    case 3: lane_tile<MR, 3>(packed, ng, x, goff, r, last, bias, first, yf, out16, ldy); break;
+    case 2: lane_tile<MR, 2>(packed, ng, x, goff, r, last, bias, first, yf, out16, ldy); break;
+    case 1: lane_tile<MR, 1>(packed, ng, x, goff, r, last, bias, first, yf, out16, ldy); break;
     default: break;
   }
 }
@@ -585,10 +587,12 @@ void prepare_pairs_2_4_bf16(const SpmmArgs& a, int64_t t0, int64_t t1, uint32_t*
   }
 }
 
-// Rows [r0, r1) for every row of x in the lanes form (above). Sums are carried in yf (fp32
-// [a.batch, a.ldy]; it may be a.y) between K blocks; the last K block writes a.y16 (bf16)
-// when set, else yf.
-void forward_2_4_bf16_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, float* yf) {
+// Rows [r0, r1) for the a.batch rows of x that `rows` describes (spmm.h: LaneRows16; a
+// Linear's x or a convolution's output pixels), in the lanes form (above). Sums are carried
+// in yf (fp32 [a.batch, a.ldy]) between K blocks, untouched when K is one block; the last K
+// block writes a.y16 (bf16) when set, else yf.
+void forward_2_4_bf16_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, const LaneRows16& rows, float* yf) {
+  if (r1 <= r0 || a.batch <= 0) return;  // (no rows: nothing to size the blocks by)
   const NMLayout& L = a.layout;
   const __m512i table = lane_control_table();
   const int64_t block = std::min<int64_t>(kLaneBlockRows, r1 - r0);
@@ -622,7 +626,9 @@ void forward_2_4_bf16_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, float* yf
       const int64_t per = (next.remaining() + tiles - 1) / tiles;
       for (int64_t b0 = 0; b0 < a.batch; b0 += kLaneNB) {
         const int nb = static_cast<int>(std::min<int64_t>(kLaneNB, a.batch - b0));
-        const uint16_t* x = a.x16 + b0 * a.ldx + 4 * g0;
+        const uint16_t* x[kLaneNB];
+        for (int j = 0; j < nb; ++j) x[j] = rows.row(b0 + j);
+        const int64_t* goff = rows.goff + g0;
         float* yb = yf + b0 * a.ldy;
         uint16_t* out16 = final && a.y16 != nullptr ? a.y16 + b0 * a.ldy : nullptr;
         for (int64_t v = 0; v < nv; v += kLaneMR) {
@@ -631,9 +637,9 @@ void forward_2_4_bf16_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, float* yf
               v + mr == nv && tail < 16 ? (1u << tail) - 1 : 0xFFFF);
           const uint32_t* pv = packed.get() + v * ng * 32;
           if (mr == 2) {
-            lane_tiles<2>(nb, pv, ng, x, a.ldx, rb + 16 * v, last, a.bias, first, yb, out16, a.ldy);
+            lane_tiles<2>(nb, pv, ng, x, goff, rb + 16 * v, last, a.bias, first, yb, out16, a.ldy);
           } else {
-            lane_tiles<1>(nb, pv, ng, x, a.ldx, rb + 16 * v, last, a.bias, first, yb, out16, a.ldy);
+            lane_tiles<1>(nb, pv, ng, x, goff, rb + 16 * v, last, a.bias, first, yb, out16, a.ldy);
           }
           next.step(per);
         }

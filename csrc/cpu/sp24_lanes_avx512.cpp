@@ -127,6 +127,7 @@ static_assert(kNB == 6 && kMR == 2, "tiles covers 1..6 rows of x, 1..2 register 
 // Rows [r0, r1) for the a.batch rows of x that `rows` describes (spmm.h: LaneRows), a.values
 // fp32 with K = 4 * groups (no padding columns), into a.y [a.batch, a.ldy] fp32.
 void forward_2_4_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, const LaneRows& rows) {
+  if (r1 <= r0 || a.batch <= 0) return;  // (no rows: nothing to size the blocks by)
   const NMLayout& L = a.layout;
   const int64_t block = std::min<int64_t>(kBlockRows, r1 - r0);
   const int64_t vecs = (block + 15) / 16;

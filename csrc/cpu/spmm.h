@@ -48,22 +48,31 @@ struct SpmmArgs {
   int pair_tile = 64;       // the pair GEMM's rows of x per tile: 32 or 64
 };
 
-// The rows of x of the fp32 lanes forward: row p's group g (4 floats) at row(p) + goff[g].
-// Row-major x: row p at x + p * ldx, goff[g] = 4 * g. A convolution's implicit GEMM: row p
-// is output pixel (b, oh, ow), which starts at x + ((b * hp + oh * sh) * wp + ow * sw) *
-// channels in the zero-padded NHWC input [batch, hp, wp, channels], and goff[g] is the
-// offset of group g's kernel position and channels from there.
-struct LaneRows {
-  const float* x = nullptr;
+// The rows of x of the lanes forwards (T: float for fp32, uint16_t for bf16): row p's
+// group g (4 elements) at row(p) + goff[g]. Row-major x: row p at x + p * ldx, goff[g] =
+// 4 * g (identity_goff). A convolution's implicit GEMM: row p is output pixel (b, oh, ow),
+// which starts at x + ((b * hp + oh * sh) * wp + ow * sw) * channels in the zero-padded NHWC
+// input [batch, hp, wp, channels], and goff[g] is the offset of group g's kernel position
+// and channels from there.
+template <typename T>
+struct LaneRowsOf {
+  const T* x = nullptr;
   int64_t ldx = 0;
   int64_t out_h = 0, out_w = 0, hp = 0, wp = 0, channels = 0, sh = 1, sw = 1;  // out_w > 0: conv
   const int64_t* goff = nullptr;  // [groups]
-  const float* row(int64_t p) const {
+  const T* row(int64_t p) const {
     if (out_w == 0) return x + p * ldx;
     const int64_t ow = p % out_w, q = p / out_w, oh = q % out_h, b = q / out_h;
     return x + ((b * hp + oh * sh) * wp + ow * sw) * channels;
   }
 };
+using LaneRows = LaneRowsOf<float>;
+using LaneRows16 = LaneRowsOf<uint16_t>;
+
+// {0, 4, 8, ..., 4 * (groups - 1)}: the group offsets of a row-major x. The calling thread's
+// table, grown as needed and kept (a Linear's lanes forward would otherwise build one per
+// call); valid until this thread asks again for more groups.
+const int64_t* identity_goff(int64_t groups);
 
 // 2:4 metadata byte -> the kept columns of its two groups within their 8 columns, one
 // byte each: (idx0, idx1, 4 + idx0', 4 + idx1'), always < 8 even for corrupt metadata.
@@ -123,9 +132,10 @@ struct SpmmKernels {
   void (*prepare_pairs_2_4_bf16)(const SpmmArgs&, int64_t, int64_t, uint32_t*) = nullptr;
   void (*forward_2_4_bf16_pairs)(const SpmmArgs&, int64_t, int64_t, const uint32_t*) = nullptr;
   // The same product in the lanes form (sp24_bf16_avx512.cpp): 16 weight rows per register
-  // and rows of x broadcast, over weight rows [r0, r1); partial sums in the fp32 buffer
-  // (SpmmArgs layout of y), the result in y16 when set.
-  void (*forward_2_4_bf16_lanes)(const SpmmArgs&, int64_t, int64_t, float*) = nullptr;
+  // and rows of x (the a.batch rows that LaneRows16 describes) broadcast, over weight rows
+  // [r0, r1); partial sums in the fp32 buffer (SpmmArgs layout of y), the result in y16
+  // when set.
+  void (*forward_2_4_bf16_lanes)(const SpmmArgs&, int64_t, int64_t, const LaneRows16&, float*) = nullptr;
 };
 
 // uint32 words of prepared pairs per x tile of `tile` rows.
