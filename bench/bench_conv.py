@@ -6,7 +6,8 @@ timed alternately in one run:
     several weight copies (up to 40 MB of dense weights at batch 1), so larger layers read
     their weights from memory, not from a cache that one copy would stay in;
   - the whole ResNet-18 (random init), sk.sparsify(model, "2:4") against the same pruned
-    weights stored dense (sk.densify), at batch 1 and 16.
+    weights stored dense (sk.densify), at batch 1 and 16, in fp32 and in bf16 (both models
+    cast).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 
 import sparsekit as sk
 
-from common import layer_choices, machine_info, paired_seconds
+from common import layer_choices, layer_weight_bytes, machine_info, paired_seconds
 
 torchvision = pytest.importorskip("torchvision", reason="torchvision not installed (make setup)")
 
@@ -100,16 +101,6 @@ def test_resnet18_conv_layer(benchmark, shape, batch):
         sparse_weight_bytes=sum(layer.weight_nbytes for layer in layers), **machine_info())
 
 
-def _conv_weight_bytes(model):
-    total = 0
-    for module in model.modules():
-        if isinstance(module, (sk.SparseConv2d, sk.SparseLinear)):
-            total += module.weight_nbytes
-        elif isinstance(module, (nn.Conv2d, nn.Linear)):
-            total += module.weight.nbytes
-    return total
-
-
 @pytest.fixture(scope="module")
 def resnet18_pair():
     torch.manual_seed(0)
@@ -119,22 +110,26 @@ def resnet18_pair():
     return dense, sparse, report
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("batch", [1, 16])
-def test_resnet18(benchmark, resnet18_pair, batch):
+def test_resnet18(benchmark, resnet18_pair, batch, dtype):
     dense, sparse, report = resnet18_pair
-    x = torch.randn(batch, 3, 224, 224)
+    if dtype != "float32":  # both sides cast: the same pruned weights, rounded alike
+        dense = copy.deepcopy(dense).to(getattr(torch, dtype))
+        sparse = copy.deepcopy(sparse).to(getattr(torch, dtype))
+    x = torch.randn(batch, 3, 224, 224, dtype=getattr(torch, dtype))
 
     def run(model):
         with torch.no_grad():
             return model(x)
 
-    benchmark.group = f"ResNet-18 2:4 batch {batch}"
+    benchmark.group = f"ResNet-18 2:4 {dtype} batch {batch}"
     benchmark.pedantic(run, args=(sparse,), rounds=3, iterations=1, warmup_rounds=1)
     dense_s, sparse_s = paired_seconds(lambda: run(dense), lambda: run(sparse),
                                        REPEATS if batch == 1 else 3)
     benchmark.extra_info.update(
         kind="module", what=f"ResNet-18 (torchvision, random init) 2:4, batch {batch}",
-        dtype="float32", batch=batch, converted=len(report.converted),
+        dtype=dtype, batch=batch, converted=len(report.converted),
         dense_s=dense_s, sparse_s=sparse_s, ratio=dense_s / sparse_s,
-        dense_weight_bytes=_conv_weight_bytes(dense),
-        sparse_weight_bytes=_conv_weight_bytes(sparse), **machine_info())
+        dense_weight_bytes=layer_weight_bytes(dense),
+        sparse_weight_bytes=layer_weight_bytes(sparse), **machine_info())

@@ -86,7 +86,8 @@ def module_rows(data):
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
         if info.get("kind") == "module":
-            yield (info["what"], f"{info['dense_s'] * 1e3:.1f} ms", f"{info['sparse_s'] * 1e3:.1f} ms",
+            yield (info["what"], info.get("dtype", "float32"), f"{info['dense_s'] * 1e3:.1f} ms",
+                   f"{info['sparse_s'] * 1e3:.1f} ms",
                    f"{info['ratio']:.2f}x",
                    f"{info['sparse_weight_bytes'] / info['dense_weight_bytes']:.3f}")
 
@@ -276,7 +277,7 @@ def main(path):
     modules = list(module_rows(data))
     if modules:
         print()
-        table(["module (2:4, fp32)", "dense", "sparsified", "speed-up", "weight bytes vs dense"],
+        table(["module (2:4)", "dtype", "dense", "sparsified", "speed-up", "weight bytes vs dense"],
               modules)
 
 
