@@ -92,6 +92,26 @@ def module_rows(data):
                    f"{info['sparse_weight_bytes'] / info['dense_weight_bytes']:.3f}")
 
 
+def unstructured_rows(data):
+    """bench/bench_unstructured.py: the bitmask format against dense and torch's CSR."""
+    def target(ratio, goal):
+        return f" ({goal:g}: {'met' if ratio >= goal else 'NOT met'})" if goal else ""
+
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if info.get("kind") != "unstructured_linear":
+            continue
+        dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(info["dtype"], info["dtype"])
+        csr = (f"{info['csr_ratio']:.2f}x{target(info['csr_ratio'], info.get('target_csr'))}"
+               if info.get("csr_ratio") else "")
+        yield (f"{'x'.join(map(str, info['shape']))} {dtype}, {info['batch']}, "
+               f"{round(info['sparsity'] * 100)}%",
+               f"{info['sparse_s'] * 1e3:.2f} ms", f"{info['dense_s'] * 1e3:.2f} ms",
+               f"{info['ratio']:.2f}x{target(info['ratio'], info.get('target'))}", csr,
+               f"{info['weight_bytes_ratio']:.3f}",
+               f"{info['sparse_gbs']:.1f} ({info['stream_gbs']:.1f})")
+
+
 def model_rows(data):
     """Whole models of bench/bench_models.py: dense against sparsified, same weights."""
     def when(seconds, tokens):
@@ -274,6 +294,12 @@ def main(path):
         print()
         table(["conv 2:4 (fp32)", "batch", "sparse kernel", "dense F.conv2d", "sparsekit",
                "speed-up", "what SparseConv2d ran (sk.explain)"], conv)
+    unstructured = list(unstructured_rows(data))
+    if unstructured:
+        print()
+        table(["shape, dtype, batch, sparsity", "bitmask", "dense", "vs dense",
+               "torch CSR vs bitmask", "bytes vs dense", "weight GB/s (streaming read)"],
+              unstructured)
     modules = list(module_rows(data))
     if modules:
         print()
