@@ -485,7 +485,7 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
         if lin.unstructured:  # the bitmask product on unfolded patches
             return self._unfolded_product(x, padding)
         if (x.device.type == "cpu" and lin.values.dtype in (torch.float32, torch.bfloat16)
-                and lin.n == 2 and lin.m == 4 and self.in_channels % 4 == 0):
+                and lin.n == 2 and lin.m == 4):
             # The fp32 and bf16 2:4 CPU kernels read x as NHWC and write y channels-last;
             # given a channels-last x they return y so, without a copy back to NCHW, and the
             # layers after them (pooling above all) run faster on channels-last.

@@ -105,19 +105,66 @@ bool conv_lanes() {
   return lanes;
 }
 
+// Zero columns added on the right of the padded NHWC input for C_in not a multiple of 4: a
+// group ending a run reads up to 3 elements past it (masked off, but read).
+int64_t lanes_extra_columns(int64_t in_channels) {
+  return in_channels % 4 == 0 ? 0 : ceil_div(3, in_channels);
+}
+
+// The group offsets of the lanes convolution (spmm.h: LaneRowsOf) over the padded NHWC input
+// of width wp: group g's 4 reduction indices k = (i * kw + j) * C_in + c at offset
+// (i * dh * wp + j * dw) * C_in + c from a pixel's receptive field (K's padding columns
+// continue the last run). Groups whose 4 elements are not one run of x (C_in not a multiple
+// of 4) take a second run (goff2, gsplit); false when a group spans more than two (C_in of
+// 1 or 2 with dilation).
+struct LaneConvTables {
+  std::vector<int64_t> goff, goff2;
+  std::vector<uint8_t> gsplit;
+  bool split = false;
+};
+bool lane_conv_tables(int64_t groups, int64_t in_channels, int64_t kh, int64_t kw, int64_t dh,
+                      int64_t dw, int64_t wp, LaneConvTables& t) {
+  const int64_t k = kh * kw * in_channels;
+  t.goff.assign(static_cast<size_t>(groups), 0);
+  t.goff2.assign(static_cast<size_t>(groups), 0);
+  t.gsplit.assign(static_cast<size_t>(groups), 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t o[4];
+    for (int64_t e = 0; e < 4; ++e) {
+      const int64_t kk = 4 * g + e;
+      if (kk >= k) {
+        o[e] = o[e - 1] + 1;  // (K >= 1, so e >= 1 here)
+        continue;
+      }
+      const int64_t pos = kk / in_channels, c = kk % in_channels, i = pos / kw, j = pos % kw;
+      o[e] = (i * dh * wp + j * dw) * in_channels + c;
+    }
+    int64_t s = 1;
+    while (s < 4 && o[s] == o[0] + s) ++s;
+    for (int64_t e = s + 1; e < 4; ++e) {
+      if (o[e] != o[s] + (e - s)) return false;
+    }
+    const size_t gi = static_cast<size_t>(g);
+    t.goff[gi] = o[0];
+    if (s < 4) {
+      t.goff2[gi] = o[s] - s;
+      t.gsplit[gi] = static_cast<uint8_t>((0xF << s) & 0xF);
+      t.split = true;
+    }
+  }
+  return true;
+}
+
 at::Tensor conv_lanes_forward(const SpmmKernels& kern, const at::Tensor& x, const at::Tensor& values,
                               const at::Tensor& metadata, const std::optional<at::Tensor>& bias,
-                              const NMLayout& L, int64_t in_channels, int64_t kh, int64_t kw,
-                              int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                              int64_t out_h, int64_t out_w) {
+                              const NMLayout& L, const LaneConvTables& tables, int64_t in_channels,
+                              int64_t ph, int64_t pw, int64_t sh, int64_t sw, int64_t out_h,
+                              int64_t out_w) {
   const int64_t batch = x.size(0), rows = values.size(0);
-  const at::Tensor xn = at::constant_pad_nd(x.permute({0, 2, 3, 1}), {0, 0, pw, pw, ph, ph}).contiguous();
-  const int64_t hp = xn.size(1), wp = xn.size(2), cg = in_channels / 4;
-  std::vector<int64_t> goff(static_cast<size_t>(L.groups));
-  for (int64_t g = 0; g < L.groups; ++g) {
-    const int64_t pos = g / cg, i = pos / kw, j = pos % kw;
-    goff[static_cast<size_t>(g)] = (i * dh * wp + j * dw) * in_channels + 4 * (g % cg);
-  }
+  const at::Tensor xn = at::constant_pad_nd(x.permute({0, 2, 3, 1}),
+                                            {0, 0, pw, pw + lanes_extra_columns(in_channels), ph, ph})
+                            .contiguous();
+  const int64_t hp = xn.size(1), wp = xn.size(2);
   const at::Tensor values_c = values.contiguous(), meta_c = metadata.contiguous();
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor yn = at::empty({batch, out_h, out_w, rows}, x.options());
@@ -136,7 +183,11 @@ at::Tensor conv_lanes_forward(const SpmmKernels& kern, const at::Tensor& x, cons
     src.channels = in_channels;
     src.sh = sh;
     src.sw = sw;
-    src.goff = goff.data();
+    src.goff = tables.goff.data();
+    if (tables.split) {
+      src.goff2 = tables.goff2.data();
+      src.gsplit = tables.gsplit.data();
+    }
   };
   const int64_t vecs = (rows + 15) / 16;
   if (bf16) {
@@ -206,10 +257,12 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
   const SpmmKernels& skern = spmm_active_kernels();
   const bool lanes_kernel = dtype == at::kFloat ? skern.forward_2_4_lanes != nullptr
                           : dtype == at::kBFloat16 && skern.forward_2_4_bf16_lanes != nullptr;
-  if (lanes_kernel && values.scalar_type() == dtype && n == 2 && m == 4 && in_channels % 4 == 0 &&
-      conv_lanes()) {
-    return conv_lanes_forward(skern, x, values, metadata, bias, L, in_channels, kh, kw, sh, sw,
-                              ph, pw, dh, dw, out_h, out_w);
+  LaneConvTables tables;
+  if (lanes_kernel && values.scalar_type() == dtype && n == 2 && m == 4 && conv_lanes() &&
+      lane_conv_tables(L.groups, in_channels, kh, kw, dh, dw,
+                       wp + lanes_extra_columns(in_channels), tables)) {
+    return conv_lanes_forward(skern, x, values, metadata, bias, L, tables, in_channels, ph, pw,
+                              sh, sw, out_h, out_w);
   }
   at::Tensor y = at::empty({batch, rows, out_h, out_w}, x.options().dtype(at::kFloat));
 

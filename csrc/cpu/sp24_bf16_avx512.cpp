@@ -529,9 +529,10 @@ void pack_lanes(const SpmmArgs& a, int64_t rv, int64_t rend, int64_t g0, int64_t
 // (x: row b0 at the K block's first column) over ng groups. Sums are fp32 in yf [.., ldy]
 // (started from the bias or zero when `first`); when `out16` is set they are instead
 // written to it as bf16 (the K block is the last).
-template <int MR, int NB>
-void lane_tile(const uint32_t* packed, int64_t ng, const uint16_t* const* x, const int64_t* goff, int64_t r,
-               __mmask16 last, const float* bias, bool first, float* yf, uint16_t* out16, int64_t ldy) {
+template <int MR, int NB, bool Split>
+void lane_tile(const uint32_t* packed, int64_t ng, const uint16_t* const* x, const int64_t* goff,
+               const int64_t* goff2, const uint8_t* gsplit, int64_t r, __mmask16 last,
+               const float* bias, bool first, float* yf, uint16_t* out16, int64_t ldy) {
   __m512 acc[MR][NB];
   lane_sums_load(acc, r, last, bias, first, yf, ldy);
   for (int64_t g = 0; g < ng; ++g) {
@@ -541,6 +542,16 @@ void lane_tile(const uint32_t* packed, int64_t ng, const uint16_t* const* x, con
       uint64_t q;
       std::memcpy(&q, x[j] + o, sizeof(q));
       xb[j] = _mm512_set1_epi64(static_cast<long long>(q));
+    }
+    if constexpr (Split) {  // a group over two runs: its second run's elements from goff2
+      // (both 8-byte reads stay inside the padded input: conv_lanes_forward)
+      const int64_t o2 = goff2[g];
+      const __mmask32 m = static_cast<__mmask32>(gsplit[g] * 0x11111111u);  // per qword
+      for (int j = 0; j < NB; ++j) {
+        uint64_t q2;
+        std::memcpy(&q2, x[j] + o2, sizeof(q2));
+        xb[j] = _mm512_mask_blend_epi16(m, xb[j], _mm512_set1_epi64(static_cast<long long>(q2)));
+      }
     }
     for (int i = 0; i < MR; ++i) {
       const uint32_t* p = packed + (i * ng + g) * 32;
@@ -561,18 +572,34 @@ void lane_tile(const uint32_t* packed, int64_t ng, const uint16_t* const* x, con
   }
 }
 
-template <int MR>
+template <int MR, bool Split>
 void lane_tiles(int nb, const uint32_t* packed, int64_t ng, const uint16_t* const* x, const int64_t* goff,
-                int64_t r, __mmask16 last, const float* bias, bool first, float* yf, uint16_t* out16,
-                int64_t ldy) {
+                const int64_t* goff2, const uint8_t* gsplit, int64_t r, __mmask16 last,
+                const float* bias, bool first, float* yf, uint16_t* out16, int64_t ldy) {
+#define SPARSEKIT_LANE_TILE(NB) \
+  lane_tile<MR, NB, Split>(packed, ng, x, goff, goff2, gsplit, r, last, bias, first, yf, out16, ldy)
   switch (nb) {
-    case 6: lane_tile<MR, 6>(packed, ng, x, goff, r, last, bias, first, yf, out16, ldy); break;
-    case 5: lane_tile<MR, 5>(packed, ng, x, goff, r, last, bias, first, yf, out16, ldy); break;
-    case 4: lane_tile<MR, 4>(packed, ng, x, goff, r, last, bias, first, yf, out16, ldy); break;
-    case 3: lane_tile<MR, 3>(packed, ng, x, goff, r, last, bias, first, yf, out16, ldy); break;
-    case 2: lane_tile<MR, 2>(packed, ng, x, goff, r, last, bias, first, yf, out16, ldy); break;
-    case 1: lane_tile<MR, 1>(packed, ng, x, goff, r, last, bias, first, yf, out16, ldy); break;
+    case 6: SPARSEKIT_LANE_TILE(6); break;
+    case 5: SPARSEKIT_LANE_TILE(5); break;
+    case 4: SPARSEKIT_LANE_TILE(4); break;
+    case 3: SPARSEKIT_LANE_TILE(3); break;
+    case 2: SPARSEKIT_LANE_TILE(2); break;
+    case 1: SPARSEKIT_LANE_TILE(1); break;
     default: break;
+  }
+#undef SPARSEKIT_LANE_TILE
+}
+
+// One pass of MR = 1 or 2 register rows, with or without groups over two runs.
+template <bool Split>
+void lane_tiles_mr(int mr, int nb, const uint32_t* packed, int64_t ng, const uint16_t* const* x,
+                   const int64_t* goff, const int64_t* goff2, const uint8_t* gsplit, int64_t r,
+                   __mmask16 last, const float* bias, bool first, float* yf, uint16_t* out16,
+                   int64_t ldy) {
+  if (mr == 2) {
+    lane_tiles<2, Split>(nb, packed, ng, x, goff, goff2, gsplit, r, last, bias, first, yf, out16, ldy);
+  } else {
+    lane_tiles<1, Split>(nb, packed, ng, x, goff, goff2, gsplit, r, last, bias, first, yf, out16, ldy);
   }
 }
 static_assert(kLaneNB == 6 && kLaneMR == 2, "lane_tiles covers 1..6 rows of x, 1..2 register rows");
@@ -627,7 +654,7 @@ void forward_2_4_bf16_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, const Lan
       for (int64_t b0 = 0; b0 < a.batch; b0 += kLaneNB) {
         const int nb = static_cast<int>(std::min<int64_t>(kLaneNB, a.batch - b0));
         const uint16_t* x[kLaneNB];
-        for (int j = 0; j < nb; ++j) x[j] = rows.row(b0 + j);
+        rows.rows(b0, nb, x);
         const int64_t* goff = rows.goff + g0;
         float* yb = yf + b0 * a.ldy;
         uint16_t* out16 = final && a.y16 != nullptr ? a.y16 + b0 * a.ldy : nullptr;
@@ -636,10 +663,12 @@ void forward_2_4_bf16_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, const Lan
           const __mmask16 last = static_cast<__mmask16>(
               v + mr == nv && tail < 16 ? (1u << tail) - 1 : 0xFFFF);
           const uint32_t* pv = packed.get() + v * ng * 32;
-          if (mr == 2) {
-            lane_tiles<2>(nb, pv, ng, x, goff, rb + 16 * v, last, a.bias, first, yb, out16, a.ldy);
+          if (rows.gsplit != nullptr) {
+            lane_tiles_mr<true>(mr, nb, pv, ng, x, goff, rows.goff2 + g0, rows.gsplit + g0,
+                                rb + 16 * v, last, a.bias, first, yb, out16, a.ldy);
           } else {
-            lane_tiles<1>(nb, pv, ng, x, goff, rb + 16 * v, last, a.bias, first, yb, out16, a.ldy);
+            lane_tiles_mr<false>(mr, nb, pv, ng, x, goff, nullptr, nullptr, rb + 16 * v, last,
+                                 a.bias, first, yb, out16, a.ldy);
           }
           next.step(per);
         }

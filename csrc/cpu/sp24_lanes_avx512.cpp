@@ -85,15 +85,26 @@ void pack(const SpmmArgs& a, int64_t rv, int64_t rend, int64_t g0, int64_t ng, f
 // MR register rows (weight rows r .. r + 16 * MR, the last `last` lanes wide) by NB rows of x
 // (x[j]: row j's start, goff: the K block's group offsets) over ng groups, summed into y
 // (started from the bias or zero when `first`).
-template <int MR, int NB>
-void tile(const float* packed, int64_t ng, const float* const* x, const int64_t* goff, int64_t r,
-          __mmask16 last, const float* bias, bool first, float* y, int64_t ldy) {
+template <int MR, int NB, bool Split>
+void tile(const float* packed, int64_t ng, const float* const* x, const int64_t* goff,
+          const int64_t* goff2, const uint8_t* gsplit, int64_t r, __mmask16 last,
+          const float* bias, bool first, float* y, int64_t ldy) {
   __m512 acc[MR][NB];
   lane_sums_load(acc, r, last, bias, first, y, ldy);
   for (int64_t g = 0; g < ng; ++g) {
     __m512 xb[NB];
     const int64_t o = goff[g];
-    for (int j = 0; j < NB; ++j) xb[j] = _mm512_broadcast_f32x4(_mm_loadu_ps(x[j] + o));
+    if constexpr (Split) {  // a group over two runs: its second run's lanes from goff2
+      // (both 4-float reads stay inside the padded input: conv_lanes_forward)
+      const int64_t o2 = goff2[g];
+      const __mmask16 m = static_cast<__mmask16>(gsplit[g] * 0x1111u);  // per 128-bit lane
+      for (int j = 0; j < NB; ++j) {
+        xb[j] = _mm512_mask_blend_ps(m, _mm512_broadcast_f32x4(_mm_loadu_ps(x[j] + o)),
+                                     _mm512_broadcast_f32x4(_mm_loadu_ps(x[j] + o2)));
+      }
+    } else {
+      for (int j = 0; j < NB; ++j) xb[j] = _mm512_broadcast_f32x4(_mm_loadu_ps(x[j] + o));
+    }
     for (int i = 0; i < MR; ++i) {
       const float* p = packed + (i * ng + g) * kPacked;
       const __m512 w0 = _mm512_load_ps(p), w1 = _mm512_load_ps(p + 16);
@@ -107,17 +118,30 @@ void tile(const float* packed, int64_t ng, const float* const* x, const int64_t*
   lane_sums_store(acc, r, last, y, ldy);
 }
 
-template <int MR>
+template <int MR, bool Split>
 void tiles(int nb, const float* packed, int64_t ng, const float* const* x, const int64_t* goff,
-           int64_t r, __mmask16 last, const float* bias, bool first, float* y, int64_t ldy) {
+           const int64_t* goff2, const uint8_t* gsplit, int64_t r, __mmask16 last,
+           const float* bias, bool first, float* y, int64_t ldy) {
   switch (nb) {
-    case 6: tile<MR, 6>(packed, ng, x, goff, r, last, bias, first, y, ldy); break;
-    case 5: tile<MR, 5>(packed, ng, x, goff, r, last, bias, first, y, ldy); break;
-    case 4: tile<MR, 4>(packed, ng, x, goff, r, last, bias, first, y, ldy); break;
-    case 3: tile<MR, 3>(packed, ng, x, goff, r, last, bias, first, y, ldy); break;
-    case 2: tile<MR, 2>(packed, ng, x, goff, r, last, bias, first, y, ldy); break;
-    case 1: tile<MR, 1>(packed, ng, x, goff, r, last, bias, first, y, ldy); break;
+    case 6: tile<MR, 6, Split>(packed, ng, x, goff, goff2, gsplit, r, last, bias, first, y, ldy); break;
+    case 5: tile<MR, 5, Split>(packed, ng, x, goff, goff2, gsplit, r, last, bias, first, y, ldy); break;
+    case 4: tile<MR, 4, Split>(packed, ng, x, goff, goff2, gsplit, r, last, bias, first, y, ldy); break;
+    case 3: tile<MR, 3, Split>(packed, ng, x, goff, goff2, gsplit, r, last, bias, first, y, ldy); break;
+    case 2: tile<MR, 2, Split>(packed, ng, x, goff, goff2, gsplit, r, last, bias, first, y, ldy); break;
+    case 1: tile<MR, 1, Split>(packed, ng, x, goff, goff2, gsplit, r, last, bias, first, y, ldy); break;
     default: break;
+  }
+}
+
+// One register tile row pass (MR = 1 or 2), with or without groups over two runs.
+template <bool Split>
+void tiles_mr(int mr, int nb, const float* packed, int64_t ng, const float* const* x,
+              const int64_t* goff, const int64_t* goff2, const uint8_t* gsplit, int64_t r,
+              __mmask16 last, const float* bias, bool first, float* y, int64_t ldy) {
+  if (mr == 2) {
+    tiles<2, Split>(nb, packed, ng, x, goff, goff2, gsplit, r, last, bias, first, y, ldy);
+  } else {
+    tiles<1, Split>(nb, packed, ng, x, goff, goff2, gsplit, r, last, bias, first, y, ldy);
   }
 }
 static_assert(kNB == 6 && kMR == 2, "tiles covers 1..6 rows of x, 1..2 register rows");
@@ -125,7 +149,9 @@ static_assert(kNB == 6 && kMR == 2, "tiles covers 1..6 rows of x, 1..2 register 
 }  // namespace
 
 // Rows [r0, r1) for the a.batch rows of x that `rows` describes (spmm.h: LaneRows), a.values
-// fp32 with K = 4 * groups (no padding columns), into a.y [a.batch, a.ldy] fp32.
+// fp32, into a.y [a.batch, a.ldy] fp32. Every group reads 4 elements of x: K's padding
+// columns too (their values are 0, and validated metadata never keeps them), so they
+// must be readable.
 void forward_2_4_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, const LaneRows& rows) {
   if (r1 <= r0 || a.batch <= 0) return;  // (no rows: nothing to size the blocks by)
   const NMLayout& L = a.layout;
@@ -160,7 +186,7 @@ void forward_2_4_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, const LaneRows
       for (int64_t b0 = 0; b0 < a.batch; b0 += kNB) {
         const int nb = static_cast<int>(std::min<int64_t>(kNB, a.batch - b0));
         const float* x[kNB];
-        for (int j = 0; j < nb; ++j) x[j] = rows.row(b0 + j);
+        rows.rows(b0, nb, x);
         const int64_t* goff = rows.goff + g0;
         float* yb = a.y + b0 * a.ldy;
         for (int64_t v = 0; v < nv; v += kMR) {
@@ -168,10 +194,12 @@ void forward_2_4_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, const LaneRows
           const __mmask16 last = static_cast<__mmask16>(
               v + mr == nv && tail < 16 ? (1u << tail) - 1 : 0xFFFF);
           const float* pv = packed.get() + v * ng * kPacked;
-          if (mr == 2) {
-            tiles<2>(nb, pv, ng, x, goff, rb + 16 * v, last, a.bias, first, yb, a.ldy);
+          if (rows.gsplit != nullptr) {
+            tiles_mr<true>(mr, nb, pv, ng, x, goff, rows.goff2 + g0, rows.gsplit + g0,
+                           rb + 16 * v, last, a.bias, first, yb, a.ldy);
           } else {
-            tiles<1>(nb, pv, ng, x, goff, rb + 16 * v, last, a.bias, first, yb, a.ldy);
+            tiles_mr<false>(mr, nb, pv, ng, x, goff, nullptr, nullptr, rb + 16 * v, last, a.bias,
+                            first, yb, a.ldy);
           }
           next.step(per);
         }

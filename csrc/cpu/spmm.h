@@ -60,10 +60,30 @@ struct LaneRowsOf {
   int64_t ldx = 0;
   int64_t out_h = 0, out_w = 0, hp = 0, wp = 0, channels = 0, sh = 1, sw = 1;  // out_w > 0: conv
   const int64_t* goff = nullptr;  // [groups]
-  const T* row(int64_t p) const {
-    if (out_w == 0) return x + p * ldx;
-    const int64_t ow = p % out_w, q = p / out_w, oh = q % out_h, b = q / out_h;
-    return x + ((b * hp + oh * sh) * wp + ow * sw) * channels;
+  // A convolution whose C_in is not a multiple of 4 has groups that span two runs of x
+  // (two kernel positions): element e of group g comes from row(p) + goff2[g] + e where bit
+  // e of gsplit[g] is set, else from row(p) + goff[g] + e. Null when no group spans two.
+  const int64_t* goff2 = nullptr;  // [groups]
+  const uint8_t* gsplit = nullptr;  // [groups]
+  // Rows p .. p + n - 1 into out[0 .. n): a convolution steps its pixel's (b, oh, ow)
+  // instead of dividing per row (two divisions per row cost a third of a tile's work when
+  // K is short, as in a 3-channel stem).
+  void rows(int64_t p, int n, const T** out) const {
+    if (out_w == 0) {
+      for (int j = 0; j < n; ++j) out[j] = x + (p + j) * ldx;
+      return;
+    }
+    int64_t ow = p % out_w, q = p / out_w, oh = q % out_h, b = q / out_h;
+    for (int j = 0; j < n; ++j) {
+      out[j] = x + ((b * hp + oh * sh) * wp + ow * sw) * channels;
+      if (++ow == out_w) {
+        ow = 0;
+        if (++oh == out_h) {
+          oh = 0;
+          ++b;
+        }
+      }
+    }
   }
 };
 using LaneRows = LaneRowsOf<float>;
