@@ -1,7 +1,7 @@
 """2:4 convolutions on the CPU against torch's own convolution on the same pruned weights,
 timed alternately in one run:
   - every distinct convolution shape of torchvision's ResNet-18 (224x224 input) at batch
-    1 and 16: SparseConv2d (the implicit-GEMM kernel ops.nm_conv2d; 1x1 kernels the direct
+    1 and 16, fp32 and bf16: SparseConv2d (the implicit-GEMM kernel ops.nm_conv2d; 1x1 kernels the direct
     N:M product) against F.conv2d on the masked dense weight. Each timed call runs through
     several weight copies (up to 40 MB of dense weights at batch 1), so larger layers read
     their weights from memory, not from a cache that one copy would stay in;
@@ -59,24 +59,26 @@ def _shape_id(shape):
     return f"{c_in}-{c_out}-k{k}s{s}-{h}px"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-def test_resnet18_conv_layer(benchmark, shape, batch):
+def test_resnet18_conv_layer(benchmark, shape, batch, dtype):
     c_in, c_out, k, stride, padding, h = shape
-    dense_bytes = c_out * c_in * k * k * 4
+    dt = getattr(torch, dtype)
+    dense_bytes = c_out * c_in * k * k * dt.itemsize
     copies = max(1, min(16 if batch == 1 else 4, math.ceil(WEIGHT_SET_BYTES / dense_bytes)))
     torch.manual_seed(0)
     layers, weights = [], []
     for _ in range(copies):
         conv = nn.Conv2d(c_in, c_out, k, stride, padding, bias=False)
-        layer = sk.SparseConv2d.from_dense(conv, "2:4")
+        layer = sk.SparseConv2d.from_dense(conv, "2:4").to(dt)
         layers.append(layer)
         # The same pruned weights, dense, with nn.Conv2d's own strides (a 1x1 weight from
         # the [out, in] matrix has channels-last-looking strides, which would make
         # F.conv2d convert every input to channels-last).
         w = layer.dense_weight()
         weights.append(torch.empty_like(w, memory_format=torch.contiguous_format).copy_(w))
-    x = torch.randn(batch, c_in, h, h)
+    x = torch.randn(batch, c_in, h, h, dtype=dt)
 
     def sparse():
         with torch.no_grad():
@@ -89,12 +91,12 @@ def test_resnet18_conv_layer(benchmark, shape, batch):
                 nn.functional.conv2d(x, w, None, stride, padding)
 
     kernel = "nm_linear (1x1 direct)" if k == 1 else "nm_conv2d (implicit GEMM)"
-    benchmark.group = f"ResNet-18 conv {_shape_id(shape)} batch {batch}"
+    benchmark.group = f"ResNet-18 conv {_shape_id(shape)} {dtype} batch {batch}"
     benchmark.pedantic(sparse, rounds=REPEATS, iterations=1, warmup_rounds=1)
     dense_s, sparse_s = paired_seconds(dense, sparse, REPEATS)
     benchmark.extra_info.update(
         kind="conv_layer", what=f"{c_in}->{c_out} {k}x{k} s{stride} p{padding} @{h}x{h}",
-        dtype="float32", batch=batch, copies=copies, kernel=kernel, target=0.95,
+        dtype=dtype, batch=batch, copies=copies, kernel=kernel, target=0.95,
         layer_choices=layer_choices(layers[0]),
         dense_s=dense_s / copies, sparse_s=sparse_s / copies, ratio=dense_s / sparse_s,
         dense_weight_bytes=dense_bytes * copies,

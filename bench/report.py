@@ -196,7 +196,7 @@ def conv_rows(data):
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
         if info.get("kind") == "conv_layer":
-            yield (info["what"], str(info["batch"]), info["kernel"],
+            yield (info["what"], info.get("dtype", "float32"), str(info["batch"]), info["kernel"],
                    f"{info['dense_s'] * 1e3:.3f} ms", f"{info['sparse_s'] * 1e3:.3f} ms",
                    f"{info['ratio']:.2f}x{_verdict(info)}",
                    _conv_choice(info.get("layer_choices")))
@@ -292,7 +292,7 @@ def main(path):
     conv = list(conv_rows(data))
     if conv:
         print()
-        table(["conv 2:4 (fp32)", "batch", "sparse kernel", "dense F.conv2d", "sparsekit",
+        table(["conv 2:4", "dtype", "batch", "sparse kernel", "dense F.conv2d", "sparsekit",
                "speed-up", "what SparseConv2d ran (sk.explain)"], conv)
     unstructured = list(unstructured_rows(data))
     if unstructured:
