@@ -3,16 +3,18 @@
 // input channels at one kernel position), computed directly from the input (implicit
 // GEMM, no im2col buffer; kernels in conv_kernels.h).
 //
-// The wrapper validates, copies the input (NCHW or channels_last, fp32/bf16/fp16) once
-// into fp32 stride-phase planes with the zero padding in place (conv.h), builds the
+// 2:4 in fp32 and bf16 runs the lanes forms on a padded NHWC copy of the input (below:
+// conv_lanes_forward). Otherwise the wrapper validates, copies the input (NCHW or
+// channels_last, fp32/bf16/fp16) once into fp32 stride-phase planes with the zero padding
+// in place (conv.h), builds the
 // offset table of every reduction index and the channel-block segments, then runs tiles
 // of output pixels x blocks of output channels on torch's OpenMP pool and scatters each
 // tile's valid pixels into the NCHW output.
 //
 // The result is channels-last in memory when x is (and not also NCHW-contiguous), else NCHW,
 // on every path, as the fake implementation and the reference promise
-// (reference.conv2d_output_format). SparseConv2d hands the fp32 2:4 kernel a channels-last
-// x, so its channels-last result needs no copy back, and the layers after it run on
+// (reference.conv2d_output_format). SparseConv2d hands the 2:4 lanes kernels a channels-last
+// x, so their channels-last result needs no copy back, and the layers after it run on
 // channels-last: torch's NCHW max pooling ran 18x slower than its channels-last one here
 // (256x64x8x8, the digits CNN: 3.7 ms against 0.2), which made that model 0.89x dense.
 #include <ATen/Parallel.h>
@@ -79,15 +81,17 @@ int64_t window_per_channel(int64_t width, int64_t wq, int64_t kh, int64_t dh, in
   return rows * wq * phases;
 }
 
-// 2:4 fp32 with C_in a multiple of 4 runs the fp32 lanes form (sp24_lanes_avx512.cpp) as an
-// implicit GEMM over the zero-padded NHWC input: output pixels are its rows of x, and group g
-// of reduction index (i * kw + j) * C_in + c reads 4 channels at one fixed offset from a
-// pixel's receptive field (LaneRows, spmm.h). SPARSEKIT_CPU_CONV=planes keeps the
-// stride-phase plane kernels below. Measured on Zen 5 (2 threads), ResNet-18's 3x3 layers
-// against F.conv2d in the same run: at batch 1 1.01-1.45x (the plane kernels 0.72-1.05x),
-// at batch 16 0.90-1.12x where F.conv2d's time held still (0.52-0.81x; the 56x56 layers
-// lose most: F.conv2d runs near the FMA peak there, and the copies to and from NHWC cost
-// 13% of the 64-channel one).
+// 2:4 in fp32 (AVX-512) and bf16 (AVX512-BF16) runs the lanes forms (sp24_lanes_avx512.cpp,
+// sp24_bf16_avx512.cpp) as an implicit GEMM over the zero-padded NHWC input: output pixels
+// are its rows of x, and group g of reduction index (i * kw + j) * C_in + c reads 4 elements
+// at one fixed offset from a pixel's receptive field, or, when C_in is not a multiple of 4,
+// from two (a group that continues into the next kernel position; LaneRowsOf, spmm.h).
+// SPARSEKIT_CPU_CONV=planes keeps the stride-phase plane kernels below, which also run what
+// the lanes forms do not (fp16, other N:M, groups over more than two runs). Measured on
+// Zen 5 (2 threads), ResNet-18's convolutions against F.conv2d in the same run: fp32 3x3
+// 1.11-1.32x at batch 1 and 0.96-1.15x at batch 16 (the plane kernels 0.72-1.05x and
+// 0.52-0.81x; F.conv2d runs near the FMA peak there), bf16 1.05-1.35x (planes 0.28-0.41x),
+// the 3-channel stem fp32 1.17x at batch 16 and bf16 1.30-2.77x.
 // The output's memory layout (as reference.conv2d_output_format and the fake promise):
 // channels-last when x is channels-last and not also NCHW-contiguous, else NCHW.
 bool channels_last_out(const at::Tensor& x) {

@@ -49,7 +49,7 @@ struct SpmmArgs {
 };
 
 // The rows of x of the lanes forwards (T: float for fp32, uint16_t for bf16): row p's
-// group g (4 elements) at row(p) + goff[g]. Row-major x: row p at x + p * ldx, goff[g] =
+// group g (4 elements) at goff[g] from the row's start (rows()). Row-major x: row p at x + p * ldx, goff[g] =
 // 4 * g (identity_goff). A convolution's implicit GEMM: row p is output pixel (b, oh, ow),
 // which starts at x + ((b * hp + oh * sh) * wp + ow * sw) * channels in the zero-padded NHWC
 // input [batch, hp, wp, channels], and goff[g] is the offset of group g's kernel position
@@ -61,13 +61,14 @@ struct LaneRowsOf {
   int64_t out_h = 0, out_w = 0, hp = 0, wp = 0, channels = 0, sh = 1, sw = 1;  // out_w > 0: conv
   const int64_t* goff = nullptr;  // [groups]
   // A convolution whose C_in is not a multiple of 4 has groups that span two runs of x
-  // (two kernel positions): element e of group g comes from row(p) + goff2[g] + e where bit
-  // e of gsplit[g] is set, else from row(p) + goff[g] + e. Null when no group spans two.
+  // (two kernel positions): element e of group g comes from the row's start + goff2[g] + e
+  // where bit e of gsplit[g] is set, else from the row's start + goff[g] + e. Null when no
+  // group spans two.
   const int64_t* goff2 = nullptr;  // [groups]
   const uint8_t* gsplit = nullptr;  // [groups]
-  // Rows p .. p + n - 1 into out[0 .. n): a convolution steps its pixel's (b, oh, ow)
-  // instead of dividing per row (two divisions per row cost a third of a tile's work when
-  // K is short, as in a 3-channel stem).
+  // The starts of rows p .. p + n - 1 into out[0 .. n): a convolution steps its pixel's
+  // (b, oh, ow) instead of two integer divisions per row, which weigh on a tile whose K is
+  // short (the 3-channel stem's 37 groups).
   void rows(int64_t p, int n, const T** out) const {
     if (out_w == 0) {
       for (int j = 0; j < n; ++j) out[j] = x + (p + j) * ldx;
