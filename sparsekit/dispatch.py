@@ -15,7 +15,11 @@ On the first call with a new key (mode "auto") the candidates are timed alternat
 call's own input (one warm-up each, then `REPEATS` rounds, more for calls of microseconds
 and up to `CLOSE_ROUNDS` while the two best are within `CLOSE` of each other, best time
 each, under `torch.no_grad()`; the warm-up alone when a call is slow), the
-fastest is cached and every later call with the key pays one dictionary lookup. Measuring holds a lock, so threads that meet
+fastest is cached and every later call with the key pays one dictionary lookup. A module
+also remembers its last settled call (`remembered`): the next call with an input of the same
+shape, dtype and device, at the same thread count, with no decision or global mode changed
+since, runs the same candidate without building the key (a decoder calls hundreds of small
+layers per token, and the key cost about as much as the rest of a layer's Python). Measuring holds a lock, so threads that meet
 a new key together measure it once and the others wait for the decision. Only forward
 calls are timed; a training step uses the forward's decision.
 
@@ -71,7 +75,8 @@ import torch
 __all__ = ["MODES", "REPEATS", "MAX_ROUNDS", "MIN_MEASURE_S", "CLOSE", "CLOSE_ROUNDS",
            "CLOSE_BUDGET_S", "IN_PLACE_ROUNDS", "IN_PLACE_MARGIN", "timed_call", "more_rounds",
            "Decision", "kernel_choice",
-           "get_kernel_choice", "make_key", "batch_bucket", "run", "measure", "ModuleChoice",
+           "get_kernel_choice", "make_key", "batch_bucket", "run", "remembered", "measure",
+           "ModuleChoice",
            "decisions", "clear", "save", "load", "set_cache_file", "scratch", "release_scratch",
            "explain_module", "ENV_FILE"]
 
@@ -103,6 +108,9 @@ _LOCK = threading.RLock()
 _CACHE: dict = {}
 _IN_PLACE: dict = {}  # key -> {candidate: [seconds of real calls]} while being confirmed
 _global_mode = "auto"
+# Bumped by every change to the cached decisions or to the global mode: a module's
+# remembered call (remembered()) is valid only within the epoch it was made in.
+_epoch = 0
 _cache_file: str | None = None
 _env_loaded = False
 
@@ -124,6 +132,7 @@ class kernel_choice:
         _check_mode(mode)
         self.mode, self.previous = mode, _global_mode
         _global_mode = mode
+        _changed()
 
     def __enter__(self):
         return self
@@ -131,10 +140,16 @@ class kernel_choice:
     def __exit__(self, *exc):
         global _global_mode
         _global_mode = self.previous
+        _changed()
         return False
 
     def __repr__(self):
         return f"kernel_choice({self.mode!r})"
+
+
+def _changed() -> None:
+    global _epoch
+    _epoch += 1
 
 
 def get_kernel_choice() -> str:
@@ -220,6 +235,7 @@ def _decide(key: tuple, candidates: Mapping[str, Callable], args: tuple) -> Deci
         choice = min(times, key=times.get)
         decision = Decision(choice, {k: float(v) for k, v in times.items()}, "measured")
         _CACHE[key] = decision
+        _changed()
         ranked = sorted(times, key=times.get)
         if (IN_PLACE_ROUNDS > 0 and device.type == "cpu" and len(ranked) >= 2
                 and times[ranked[1]] <= times[ranked[0]] * (1 + IN_PLACE_MARGIN)):
@@ -238,23 +254,53 @@ def _traced_choice(key: tuple, mode: str) -> str:
     return DEFAULT if decision is None else decision.choice
 
 
-def run(owner, key: tuple, candidates: Mapping[str, Callable], args: tuple):
+def run(owner, key: tuple, candidates: Mapping[str, Callable], args: tuple,
+        x: torch.Tensor | None = None):
     """Calls the chosen candidate of `owner` (a module) for this key: forced by the module's
-    `kernel_choice`, else by the global one, else the cached (or now measured) fastest."""
+    `kernel_choice`, else by the global one, else the cached (or now measured) fastest.
+    With `x` (the call's input) a settled choice is remembered on the module for the next
+    call with an input of x's shape, dtype and device (remembered())."""
     mode = owner._kernel_mode
     if mode == "auto":
         mode = _global_mode
     if torch.compiler.is_compiling():
         return candidates[_traced_choice(key, mode)](*args)
     object.__setattr__(owner, "_kernel_last_key", key)  # for explain(module); not a Module attr
+    epoch = _epoch
     if mode == "auto":
         decision = _CACHE.get(key)
         if decision is None:  # this call measures (its own run is not timed in place)
             decision = _decide(key, candidates, args)
-        elif key in _IN_PLACE and not torch.is_grad_enabled():
-            return _run_in_place(key, candidates, args)
+            epoch = _epoch
+        elif key in _IN_PLACE:
+            if not torch.is_grad_enabled():
+                return _run_in_place(key, candidates, args)
+            return candidates[decision.choice](*args)  # not settled yet: not remembered
         mode = decision.choice
-    return candidates[mode](*args)
+        if key in _IN_PLACE:  # just measured, and close: confirmed by the next calls
+            return candidates[mode](*args)
+    fn = candidates[mode]
+    if x is not None:
+        # (x.shape, dtype, device, threads, epoch) -> fn; not a Module attribute.
+        object.__setattr__(owner, "_kernel_memo",
+                           (x.shape, x.dtype, x.device, key[7], epoch, fn))
+    return fn(*args)
+
+
+def remembered(owner, x: torch.Tensor) -> Callable | None:
+    """The candidate `run` remembered for `owner`'s last settled call if x has that call's
+    shape, dtype and device, the thread count is the same and no decision or global mode
+    changed since (else None: the caller goes through `run`). Skips building the key, which
+    costs about as much as the rest of a small layer's Python (decoding calls hundreds of
+    layers per token with one row of x)."""
+    memo = owner.__dict__.get("_kernel_memo")
+    if memo is None or torch.compiler.is_compiling():
+        return None
+    shape, dtype, device, threads, epoch, fn = memo
+    if (epoch == _epoch and dtype is x.dtype and shape == x.shape and device == x.device
+            and threads == torch.get_num_threads()):
+        return fn
+    return None
 
 
 def timed_call(name: str, fn: Callable, args: tuple):
@@ -289,6 +335,7 @@ def _run_in_place(key: tuple, candidates: Mapping[str, Callable], args: tuple):
             times.update(best)
             choice = min(best, key=best.get)
             _CACHE[key] = Decision(choice, times, f"confirmed in place (isolated: {isolated.choice})")
+            _changed()
             if _cache_file is not None:
                 save(_cache_file)
     return out
@@ -308,6 +355,12 @@ class ModuleChoice:
     @kernel_choice.setter
     def kernel_choice(self, mode: str) -> None:
         object.__setattr__(self, "_kernel_mode", _check_mode(mode, "kernel_choice"))
+        self.__dict__.pop("_kernel_memo", None)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype / device) changes the weight dtype or device in the decision key.
+        self.__dict__.pop("_kernel_memo", None)
+        return super()._apply(fn, *args, **kwargs)
 
 
 # ---- inspection and persistence ---------------------------------------------------------
@@ -323,6 +376,7 @@ def clear() -> None:
     with _LOCK:
         _CACHE.clear()
         _IN_PLACE.clear()
+        _changed()
 
 
 def _machine() -> dict:
@@ -392,6 +446,7 @@ def load(path: str | os.PathLike) -> int:
             key = _decode(entry["key"])
             _CACHE[key] = Decision(entry["choice"], entry["times"], f"loaded from {path}")
             _IN_PLACE.pop(key, None)
+        _changed()
     return len(data["entries"])
 
 

@@ -170,7 +170,10 @@ class SparseLinear(dispatch.ModuleChoice, nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have in_features = {self.in_features} in its last dim, "
                              f"got {tuple(x.shape)}")
-        return dispatch.run(self, self._kernel_key(x), self._kernel_candidates, (self, x))
+        fn = dispatch.remembered(self, x)
+        if fn is not None:
+            return fn(self, x)
+        return dispatch.run(self, self._kernel_key(x), self._kernel_candidates, (self, x), x)
 
     def _kernel_key(self, x: torch.Tensor) -> tuple:
         # Parameters and buffers are read from their dicts: nn.Module.__getattr__ costs about
@@ -455,7 +458,10 @@ class SparseConv2d(dispatch.ModuleChoice, nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be [batch, {self.in_channels}, H, W] or unbatched "
                              f"[{self.in_channels}, H, W], got {tuple(x.shape)}")
-        return dispatch.run(self, self._kernel_key(x), self._kernel_candidates, (self, x))
+        fn = dispatch.remembered(self, x)
+        if fn is not None:
+            return fn(self, x)
+        return dispatch.run(self, self._kernel_key(x), self._kernel_candidates, (self, x), x)
 
     def _kernel_key(self, x: torch.Tensor) -> tuple:
         # The input's height and width are bucketed like the batch (powers of two).

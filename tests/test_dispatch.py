@@ -186,6 +186,85 @@ def fake_timing(monkeypatch, isolated, in_place):
     return clock
 
 
+def test_remembered_choice_follows_every_change(monkeypatch):
+    # A settled call is remembered on the module (dispatch.remembered): the next call with
+    # the same input shape skips the key and dispatch.run, until anything that could change
+    # the choice happens.
+    fake = FakeMeasure({"sparse": 2e-3, "dense": 1e-3})
+    monkeypatch.setattr(dispatch, "measure", fake)
+    layer = sparse_linear(64, 16, torch.float32)
+    ran, runs, real_run = [], [0], dispatch.run
+
+    def counting_run(*args, **kwargs):
+        runs[0] += 1
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "run", counting_run)
+    for name in ("sparse", "dense"):
+        def spy(x, real=getattr(layer, f"_{name}_forward"), name=name):
+            ran.append(name)
+            return real(x)
+        object.__setattr__(layer, f"_{name}_forward", spy)
+    x = torch.randn(3, 64)
+
+    def call(inp=x):
+        ran.clear()
+        runs[0] = 0
+        with torch.no_grad():
+            y = layer(inp)
+        want = nn.functional.linear(inp, layer.dense_weight(), layer.bias.detach())
+        assert rel_err(y, want) < 1e-5
+        return ran[-1], runs[0]
+
+    assert call() == ("dense", 1)  # measured: dense is faster
+    assert call() == ("dense", 0)  # remembered: no key, no run
+    with dispatch.kernel_choice("sparse"):  # a global setting ends it
+        assert call() == ("sparse", 1)
+        assert call() == ("sparse", 0)
+    assert call() == ("dense", 1)  # and so does restoring it
+    layer.kernel_choice = "sparse"  # so does the module's own setting
+    assert call() == ("sparse", 1)
+    layer.kernel_choice = "auto"
+    assert call() == ("dense", 1)
+    assert call(torch.randn(4, 64)) == ("dense", 1)  # another shape: through run (cached)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # another thread count: another key
+        assert call() == ("dense", 1) and fake.calls == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert call() == ("dense", 1)
+    fake.times = {"sparse": 1e-3, "dense": 2e-3}
+    dispatch.clear()  # forgotten decisions: measured again
+    assert call() == ("sparse", 1) and fake.calls == 3
+    assert call() == ("sparse", 0)
+    assert "_kernel_memo" in layer.__dict__
+    layer.to(torch.float64)  # a new weight dtype or device: forgotten
+    assert "_kernel_memo" not in layer.__dict__
+
+
+def test_unsettled_choice_is_not_remembered(monkeypatch):
+    # While a close decision is being confirmed in place, every call goes through run.
+    fake_timing(monkeypatch, {"sparse": 1.0e-3, "dense": 1.1e-3}, {"sparse": 3e-3, "dense": 1e-3})
+    layer = sparse_linear(64, 32, torch.float32)
+    runs, real_run = [0], dispatch.run
+
+    def counting_run(*args, **kwargs):
+        runs[0] += 1
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "run", counting_run)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        for _ in range(1 + 2 * dispatch.IN_PLACE_ROUNDS):  # measure, then confirm
+            layer(x)
+        assert runs[0] == 1 + 2 * dispatch.IN_PLACE_ROUNDS
+        assert dispatch.decisions()[layer._kernel_key(x)].choice == "dense"
+        layer(x)  # decided: remembered from here
+        layer(x)
+    assert runs[0] == 2 + 2 * dispatch.IN_PLACE_ROUNDS
+
+
 def test_close_decision_is_confirmed_in_place(monkeypatch):
     # Isolated: sparse 1.0 ms vs dense 1.1 ms (close). In place: dense is faster.
     clock = fake_timing(monkeypatch, {"sparse": 1.0e-3, "dense": 1.1e-3}, {"sparse": 3e-3, "dense": 1e-3})
