@@ -185,6 +185,24 @@ uint32_t* pair_scratch(int64_t words) {
   return buf.get();
 }
 
+// The bias as the kernels take it (fp32): a contiguous fp32 bias in place, any other
+// converted into buf. A bf16 model's bias converted by hand, not by a dispatched
+// Tensor::to (half a microsecond per call: decoding calls hundreds of layers per token).
+const float* bias_as_float(const std::optional<at::Tensor>& bias, std::vector<float>& buf) {
+  if (!bias.has_value()) return nullptr;
+  const at::Tensor& b = *bias;
+  if (b.scalar_type() == at::kFloat && b.is_contiguous()) return b.const_data_ptr<float>();
+  buf.resize(static_cast<size_t>(b.numel()));
+  if (b.scalar_type() == at::kBFloat16 && b.is_contiguous()) {
+    const at::BFloat16* p = b.const_data_ptr<at::BFloat16>();
+    for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<float>(p[i]);
+  } else {
+    const at::Tensor f = b.to(at::kFloat).contiguous();
+    std::memcpy(buf.data(), f.const_data_ptr<float>(), buf.size() * sizeof(float));
+  }
+  return buf.data();
+}
+
 // Batch rows per pass: as many vector registers as the kernels unroll.
 int64_t batch_tile(const SpmmKernels& k) { return static_cast<int64_t>(k.lanes) * k.max_regs; }
 
@@ -314,8 +332,8 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   const SpmmKernels& kern = active_kernels();
   const int64_t kp = L.groups * L.m;
   const at::Tensor values_c = values.contiguous(), meta_c = metadata.contiguous();
-  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* bias_p = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  std::vector<float> bias_buf;
+  const float* bias_p = bias_as_float(bias, bias_buf);
   const int64_t weight_bytes = values_c.nbytes() + meta_c.nbytes();
   if (n == 2 && m == 4 && kern.forward_2_4_bf16 != nullptr && values.scalar_type() == at::kBFloat16) {
     // bf16 dot products, any batch: x stays bf16 and row-major, padded to whole 64-column
