@@ -362,6 +362,13 @@ class ModuleChoice:
         self.__dict__.pop("_kernel_memo", None)
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):
+        # The remembered call (a function, and an epoch of this process) stays behind when
+        # the module is pickled or deep-copied.
+        state = super().__getstate__()
+        state.pop("_kernel_memo", None)
+        return state
+
 
 # ---- inspection and persistence ---------------------------------------------------------
 

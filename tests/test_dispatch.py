@@ -239,6 +239,7 @@ def test_remembered_choice_follows_every_change(monkeypatch):
     assert call() == ("sparse", 1) and fake.calls == 3
     assert call() == ("sparse", 0)
     assert "_kernel_memo" in layer.__dict__
+    assert "_kernel_memo" not in copy.deepcopy(layer).__dict__  # nor pickled or copied
     layer.to(torch.float64)  # a new weight dtype or device: forgotten
     assert "_kernel_memo" not in layer.__dict__
 
