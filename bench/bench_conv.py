@@ -7,7 +7,7 @@ timed alternately in one run:
     their weights from memory, not from a cache that one copy would stay in;
   - the whole ResNet-18 (random init), sk.sparsify(model, "2:4") against the same pruned
     weights stored dense (sk.densify), at batch 1 and 16, in fp32 and in bf16 (both models
-    cast).
+    cast), and a training step at batch 8 (fp32).
 """
 
 from __future__ import annotations
@@ -133,5 +133,31 @@ def test_resnet18(benchmark, resnet18_pair, batch, dtype):
         kind="module", what=f"ResNet-18 (torchvision, random init) 2:4, batch {batch}",
         dtype=dtype, batch=batch, converted=len(report.converted),
         dense_s=dense_s, sparse_s=sparse_s, ratio=dense_s / sparse_s,
+        dense_weight_bytes=layer_weight_bytes(dense),
+        sparse_weight_bytes=layer_weight_bytes(sparse), **machine_info())
+
+
+def test_resnet18_train_step(benchmark, resnet18_pair):
+    """One SGD-free training step (forward, cross-entropy, backward) at batch 8, fp32, both
+    models in train mode: the sparse convolutions' backward is torch's convolution backward
+    on the decompressed weight (ops._nm_conv2d_backward)."""
+    dense, sparse, report = (copy.deepcopy(m) for m in resnet18_pair)
+    torch.manual_seed(0)
+    x, target = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
+    with torch.no_grad():
+        sparse.eval()(x)  # the forward's kernel choices, measured as in inference
+    dense.train()
+    sparse.train()
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), target).backward()
+
+    benchmark.group = "ResNet-18 2:4 train step batch 8"
+    benchmark.pedantic(step, args=(sparse,), rounds=2, iterations=1, warmup_rounds=1)
+    dense_s, sparse_s = paired_seconds(lambda: step(dense), lambda: step(sparse), 3)
+    benchmark.extra_info.update(
+        kind="module", what="ResNet-18 (torchvision, random init) 2:4, train step, batch 8",
+        dtype="float32", batch=8, dense_s=dense_s, sparse_s=sparse_s, ratio=dense_s / sparse_s,
         dense_weight_bytes=layer_weight_bytes(dense),
         sparse_weight_bytes=layer_weight_bytes(sparse), **machine_info())
