@@ -78,7 +78,7 @@ __all__ = ["MODES", "REPEATS", "MAX_ROUNDS", "MIN_MEASURE_S", "CLOSE", "CLOSE_RO
            "get_kernel_choice", "make_key", "batch_bucket", "run", "remembered", "measure",
            "ModuleChoice",
            "decisions", "clear", "save", "load", "set_cache_file", "scratch", "release_scratch",
-           "explain_module", "ENV_FILE"]
+           "explain_module", "explain_model", "ENV_FILE"]
 
 MODES = ("auto", "sparse", "dense")
 REPEATS = 3          # timed rounds per candidate on a key's first call (at least)
@@ -511,6 +511,11 @@ def _ms(seconds: float) -> str:
 
 def explain_module(module, x: torch.Tensor | None = None) -> str:
     """What `module(x)` runs and why (with x None: its last eager call)."""
+    return _explain(module, x)[1]
+
+
+def _explain(module, x: torch.Tensor | None) -> tuple:
+    """(the candidate module(x) runs, or None when not decided yet; why, in words)."""
     if not hasattr(module, "_kernel_key"):
         raise TypeError(f"module must be a sparsekit layer with kernel choice, got "
                         f"{type(module).__name__}")
@@ -531,25 +536,52 @@ def explain_module(module, x: torch.Tensor | None = None) -> str:
 
     mode = module._kernel_mode
     if mode != "auto":
-        return f"{where}: {named(mode)}, forced by kernel_choice={mode!r} on the module"
+        return mode, f"{where}: {named(mode)}, forced by kernel_choice={mode!r} on the module"
     if _global_mode != "auto":
-        return (f"{where}: {named(_global_mode)}, forced globally by "
-                f"sparsekit.kernel_choice({_global_mode!r})")
+        return _global_mode, (f"{where}: {named(_global_mode)}, forced globally by "
+                              f"sparsekit.kernel_choice({_global_mode!r})")
     decision = _CACHE.get(key)
     if decision is None:
         if bucket == 0:
-            return f"{where}: {named(DEFAULT)}, empty batch (nothing to compute, not measured)"
+            return DEFAULT, f"{where}: {named(DEFAULT)}, empty batch (nothing to compute, not measured)"
         timed = " and ".join(describe or ["the candidates"])
-        return (f"{where}: not decided yet; the next call times {timed} and caches the faster "
-                f"(under torch.compile without a decision: {DEFAULT})")
+        return None, (f"{where}: not decided yet; the next call times {timed} and caches the "
+                      f"faster (under torch.compile without a decision: {DEFAULT})")
     if decision.times:
         chosen_first = sorted(decision.times.items(), key=lambda kv: kv[0] != decision.choice)
         times = " vs ".join(f"{name} {_ms(t)}" for name, t in chosen_first)
         pending = _IN_PLACE.get(key)
         if pending is not None:
             done = sum(len(t) for t in pending.values())
-            return (f"{where}: {named(decision.choice)}: {decision.source} {times}; close, so "
-                    f"being confirmed in place ({done} of {IN_PLACE_ROUNDS * len(pending)} real "
-                    f"calls timed, alternating {' and '.join(pending)})")
-        return f"{where}: {named(decision.choice)}: {decision.source} {times}, cached"
-    return f"{where}: {named(decision.choice)}: {decision.source}"
+            return decision.choice, (
+                f"{where}: {named(decision.choice)}: {decision.source} {times}; close, so being "
+                f"confirmed in place ({done} of {IN_PLACE_ROUNDS * len(pending)} real calls "
+                f"timed, alternating {' and '.join(pending)})")
+        return decision.choice, f"{where}: {named(decision.choice)}: {decision.source} {times}, cached"
+    return decision.choice, f"{where}: {named(decision.choice)}: {decision.source}"
+
+
+def explain_model(model) -> str:
+    """What every sparse layer of `model` ran on its last call, one line each, after a
+    count per candidate ("ResNet: 21 sparse layers (last calls: 17 sparse, 4 dense)"). A layer held inside
+    another (a SparseConv2d's SparseLinear) is described by its owner."""
+    inner, lines, counts = set(), [], {}
+    for name, module in model.named_modules():
+        if id(module) in inner or not hasattr(module, "_kernel_key"):
+            continue
+        inner.update(id(m) for m in module.modules() if m is not module)
+        if getattr(module, "_kernel_last_key", None) is None:
+            choice, text = "not called yet", f"{type(module).__name__}: not called yet"
+        else:
+            choice, text = _explain(module, None)
+            choice = choice or "not decided yet"
+        counts[choice] = counts.get(choice, 0) + 1
+        lines.append(f"  {name or '(the model)'}: {text}")
+    if not lines:
+        raise TypeError(f"module must be a sparsekit layer or a model holding them, got "
+                        f"{type(model).__name__} with no SparseLinear or SparseConv2d inside "
+                        "(see sparsekit.sparsify)")
+    total = sum(counts.values())
+    summary = ", ".join(f"{n} {choice}" for choice, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return "\n".join([f"{type(model).__name__}: {total} sparse layer{'s' * (total != 1)} "
+                      f"(last calls: {summary})"] + lines)

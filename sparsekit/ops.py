@@ -480,11 +480,18 @@ def explain(op, *args) -> str:
 
     `op` may also be a sparse layer (SparseLinear, SparseConv2d): `explain(layer, x)` says
     which kernel `layer(x)` runs (sparse or dense) and why (measured times, forced, or a
-    default); `explain(layer)` says it for the layer's last call. See sparsekit.dispatch.
+    default); `explain(layer)` says it for the layer's last call. A whole model,
+    `explain(model)`, gets a count of the candidates its sparse layers ran on their last
+    calls and one such line per layer. See sparsekit.dispatch.
     """
     if isinstance(op, torch.nn.Module):
         from . import dispatch
 
+        if not hasattr(op, "_kernel_key"):  # a whole model: every sparse layer's last call
+            if args:
+                raise ValueError("explain(model) takes no input: it describes each sparse "
+                                 "layer's last call (run the model first)")
+            return dispatch.explain_model(op)
         if len(args) > 1:
             raise ValueError("explain(module, x): give at most one input x")
         return dispatch.explain_module(op, *args)

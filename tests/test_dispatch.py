@@ -473,6 +473,26 @@ def test_explain_names_the_choice_and_why(monkeypatch):
 
 # -- persistence ---------------------------------------------------------------------------
 
+def test_explain_a_whole_model(monkeypatch):
+    monkeypatch.setattr(dispatch, "measure", FakeMeasure({"sparse": 1e-3, "dense": 2e-3}))
+    model = nn.Sequential(conv_layer(8, 6, torch.float32, kernel_size=3, padding=1), nn.Flatten(),
+                          sparse_linear(6 * 36, 4, torch.float32), sparse_linear(4, 4, torch.float32))
+    assert sk.explain(model).splitlines()[0] == \
+        "Sequential: 3 sparse layers (last calls: 3 not called yet)"
+    model[3].kernel_choice = "dense"
+    with torch.no_grad():
+        model(torch.randn(2, 8, 6, 6))
+    lines = sk.explain(model).splitlines()
+    assert lines[0] == "Sequential: 3 sparse layers (last calls: 2 sparse, 1 dense)"
+    assert len(lines) == 4  # the SparseConv2d's own SparseLinear is not listed apart
+    assert lines[1].startswith("  0: SparseConv2d conv2d") and lines[2].startswith("  2: SparseLinear")
+    assert lines[3] == "  3: " + sk.explain(model[3]) and "forced by kernel_choice='dense'" in lines[3]
+    with pytest.raises(TypeError, match="no SparseLinear or SparseConv2d inside"):
+        sk.explain(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="takes no input"):
+        sk.explain(model, torch.randn(2, 8, 6, 6))
+
+
 def test_persistence_round_trip(monkeypatch, tmp_path):
     fake = FakeMeasure({"sparse": 1e-3, "dense": 3e-3})
     monkeypatch.setattr(dispatch, "measure", fake)
