@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <immintrin.h>
+#include <memory>
 
 #include "spmm.h"
 
@@ -47,6 +49,72 @@ struct LaneRowPrefetch {
     }
   }
 };
+
+// Weight rows [r0, r1) of a lanes form against the a.batch rows of x that `rows`
+// describes. Weight rows go in blocks of `block_rows`, K in blocks of groups whose packed
+// register rows (16 weight rows; `per_group` elements of P per group) fit `packed_bytes`,
+// at least `min_groups` and a multiple of it: the whole of K when it fits, so that a tile's
+// sums stay in registers over all of K (ResNet-18's 64-channel 3x3 layer at batch 16 made 3
+// passes over a 12.8 MB y otherwise). Per block and K block, pack(rv, rend, g0, ng, out)
+// unpacks each register row; the next K block's rows (or the next block's first) are
+// prefetched into L2 a few lines per tile (`value_bytes` a kept value); and
+// tile(mr, nb, packed, ng, x, goff, goff2, gsplit, r, last, first, final, b0) runs mr <= MR
+// register rows from weight row r (the last `last` lanes wide) by nb <= NB rows of x from
+// row b0 (x[j]: their starts; goff, goff2, gsplit: LaneRowsOf's, from the K block's first
+// group, the last two null when no group spans two runs), keeping its sums where its form
+// does between K blocks.
+template <int MR, int NB, typename P, typename T, typename Pack, typename Tile>
+void lanes_forward(const SpmmArgs& a, int64_t r0, int64_t r1, const LaneRowsOf<T>& rows,
+                   int64_t block_rows, int64_t min_groups, int64_t packed_bytes,
+                   int64_t per_group, int64_t value_bytes, Pack&& pack, Tile&& tile) {
+  if (r1 <= r0 || a.batch <= 0) return;  // (no rows: nothing to size the blocks by)
+  const NMLayout& L = a.layout;
+  const int64_t block = std::min<int64_t>(block_rows, r1 - r0);
+  const int64_t vecs = (block + 15) / 16;
+  const int64_t unit = per_group * static_cast<int64_t>(sizeof(P));  // bytes per group and register row
+  const int64_t kg = std::max(min_groups, packed_bytes / (vecs * unit) / min_groups * min_groups);
+  struct Free {
+    void operator()(P* p) const { std::free(p); }
+  };
+  std::unique_ptr<P[], Free> packed(static_cast<P*>(
+      std::aligned_alloc(64, static_cast<size_t>(vecs * std::min(kg, L.groups) * unit))));
+  for (int64_t rb = r0; rb < r1; rb += block) {
+    const int64_t re = std::min(rb + block, r1), nv = (re - rb + 15) / 16;
+    const int64_t tail = re - (rb + 16 * (nv - 1));  // rows in the last register row
+    for (int64_t g0 = 0; g0 < L.groups; g0 += kg) {
+      const int64_t ng = std::min(kg, L.groups - g0);
+      const bool first = g0 == 0, final = g0 + ng >= L.groups;
+      for (int64_t v = 0; v < nv; ++v) pack(rb + 16 * v, re, g0, ng, packed.get() + v * ng * per_group);
+      // A K block reads one short run of each weight row, a row apart: more streams than
+      // the hardware prefetchers follow (the bf16 form's unpacking waited on them for a
+      // third of the time at batch 64, with the prefetches issued all at once dropped).
+      LaneRowPrefetch next;
+      if (!final) {
+        next.start(a, value_bytes, rb, re, g0 + kg, kg);
+      } else {
+        next.start(a, value_bytes, re, std::min(re + block, r1), 0, kg);
+      }
+      const int64_t count = (a.batch + NB - 1) / NB * ((nv + MR - 1) / MR);
+      const int64_t per = (next.remaining() + count - 1) / count;
+      const int64_t* goff = rows.goff + g0;
+      const int64_t* goff2 = rows.gsplit != nullptr ? rows.goff2 + g0 : nullptr;
+      const uint8_t* gsplit = rows.gsplit != nullptr ? rows.gsplit + g0 : nullptr;
+      for (int64_t b0 = 0; b0 < a.batch; b0 += NB) {
+        const int nb = static_cast<int>(std::min<int64_t>(NB, a.batch - b0));
+        const T* x[NB];
+        rows.rows(b0, nb, x);
+        for (int64_t v = 0; v < nv; v += MR) {
+          const int mr = static_cast<int>(std::min<int64_t>(MR, nv - v));
+          const __mmask16 last = static_cast<__mmask16>(
+              v + mr == nv && tail < 16 ? (1u << tail) - 1 : 0xFFFF);
+          tile(mr, nb, packed.get() + v * ng * per_group, ng, x, goff, goff2, gsplit,
+               rb + 16 * v, last, first, final, b0);
+          next.step(per);
+        }
+      }
+    }
+  }
+}
 
 namespace {
 

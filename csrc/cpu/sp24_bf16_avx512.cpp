@@ -619,62 +619,25 @@ void prepare_pairs_2_4_bf16(const SpmmArgs& a, int64_t t0, int64_t t1, uint32_t*
 // in yf (fp32 [a.batch, a.ldy]) between K blocks, untouched when K is one block; the last K
 // block writes a.y16 (bf16) when set, else yf.
 void forward_2_4_bf16_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, const LaneRows16& rows, float* yf) {
-  if (r1 <= r0 || a.batch <= 0) return;  // (no rows: nothing to size the blocks by)
-  const NMLayout& L = a.layout;
   const __m512i table = lane_control_table();
-  const int64_t block = std::min<int64_t>(kLaneBlockRows, r1 - r0);
-  const int64_t vecs = (block + 15) / 16;
-  // K blocks as long as the packed block fits in kLanePackedBytes (sums stay in registers
-  // over the block; see the fp32 lanes form).
-  const int64_t kg = std::max(kLaneGroups, kLanePackedBytes / (vecs * 32 * 4) / kLaneGroups * kLaneGroups);
-  struct Free {
-    void operator()(uint32_t* p) const { std::free(p); }
-  };
-  std::unique_ptr<uint32_t[], Free> packed(static_cast<uint32_t*>(
-      std::aligned_alloc(64, static_cast<size_t>(vecs * std::min(kg, L.groups) * 32 * 4))));
-  for (int64_t rb = r0; rb < r1; rb += block) {
-    const int64_t re = std::min(rb + block, r1), nv = (re - rb + 15) / 16;
-    const int64_t tail = re - (rb + 16 * (nv - 1));  // rows in the last register row
-    for (int64_t g0 = 0; g0 < L.groups; g0 += kg) {
-      const int64_t ng = std::min(kg, L.groups - g0);
-      const bool first = g0 == 0, final = g0 + ng >= L.groups;
-      for (int64_t v = 0; v < nv; ++v) pack_lanes(a, rb + 16 * v, re, g0, ng, packed.get() + v * ng * 32, table);
-      // The next K block's rows (or the next block's first) into L2 while this one runs,
-      // spread over its register tiles: a K block's short runs, a row apart, are more
-      // streams than the hardware prefetchers follow (pack_lanes waited on them for a third
-      // of the time at batch 64).
-      LaneRowPrefetch next;
-      if (!final) {
-        next.start(a, 2, rb, re, g0 + kg, kg);
-      } else {
-        next.start(a, 2, re, std::min(re + block, r1), 0, kg);
-      }
-      const int64_t tiles = (a.batch + kLaneNB - 1) / kLaneNB * ((nv + kLaneMR - 1) / kLaneMR);
-      const int64_t per = (next.remaining() + tiles - 1) / tiles;
-      for (int64_t b0 = 0; b0 < a.batch; b0 += kLaneNB) {
-        const int nb = static_cast<int>(std::min<int64_t>(kLaneNB, a.batch - b0));
-        const uint16_t* x[kLaneNB];
-        rows.rows(b0, nb, x);
-        const int64_t* goff = rows.goff + g0;
+  lanes_forward<kLaneMR, kLaneNB, uint32_t>(
+      a, r0, r1, rows, kLaneBlockRows, kLaneGroups, kLanePackedBytes, 32, 2,
+      [&](int64_t rv, int64_t rend, int64_t g0, int64_t ng, uint32_t* out) {
+        pack_lanes(a, rv, rend, g0, ng, out, table);
+      },
+      [&](int mr, int nb, const uint32_t* pv, int64_t ng, const uint16_t* const* x,
+          const int64_t* goff, const int64_t* goff2, const uint8_t* gsplit, int64_t r,
+          __mmask16 last, bool first, bool final, int64_t b0) {
         float* yb = yf + b0 * a.ldy;
         uint16_t* out16 = final && a.y16 != nullptr ? a.y16 + b0 * a.ldy : nullptr;
-        for (int64_t v = 0; v < nv; v += kLaneMR) {
-          const int mr = static_cast<int>(std::min<int64_t>(kLaneMR, nv - v));
-          const __mmask16 last = static_cast<__mmask16>(
-              v + mr == nv && tail < 16 ? (1u << tail) - 1 : 0xFFFF);
-          const uint32_t* pv = packed.get() + v * ng * 32;
-          if (rows.gsplit != nullptr) {
-            lane_tiles_mr<true>(mr, nb, pv, ng, x, goff, rows.goff2 + g0, rows.gsplit + g0,
-                                rb + 16 * v, last, a.bias, first, yb, out16, a.ldy);
-          } else {
-            lane_tiles_mr<false>(mr, nb, pv, ng, x, goff, nullptr, nullptr, rb + 16 * v, last,
-                                 a.bias, first, yb, out16, a.ldy);
-          }
-          next.step(per);
+        if (gsplit != nullptr) {
+          lane_tiles_mr<true>(mr, nb, pv, ng, x, goff, goff2, gsplit, r, last, a.bias, first, yb,
+                              out16, a.ldy);
+        } else {
+          lane_tiles_mr<false>(mr, nb, pv, ng, x, goff, nullptr, nullptr, r, last, a.bias, first,
+                               yb, out16, a.ldy);
         }
-      }
-    }
-  }
+      });
 }
 
 void forward_2_4_bf16_pairs(const SpmmArgs& a, int64_t r0, int64_t r1, const uint32_t* pairs) {

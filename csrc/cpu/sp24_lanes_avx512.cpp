@@ -17,8 +17,6 @@
 // Measured on Zen 5 (2 threads): see nm_linear.cpp, where it is chosen.
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <memory>
 
 #include "spmm.h"
 
@@ -153,59 +151,20 @@ static_assert(kNB == 6 && kMR == 2, "tiles covers 1..6 rows of x, 1..2 register 
 // columns too (their values are 0, and validated metadata never keeps them), so they
 // must be readable.
 void forward_2_4_lanes(const SpmmArgs& a, int64_t r0, int64_t r1, const LaneRows& rows) {
-  if (r1 <= r0 || a.batch <= 0) return;  // (no rows: nothing to size the blocks by)
-  const NMLayout& L = a.layout;
-  const int64_t block = std::min<int64_t>(kBlockRows, r1 - r0);
-  const int64_t vecs = (block + 15) / 16;
-  // K blocks as long as the packed block stays within kPackedBytes: the whole of K when it
-  // fits, so that a tile's sums stay in registers over all of K instead of waiting in y
-  // between K blocks (ResNet-18's 64-channel 3x3 layer at batch 16: 3 passes over a 12.8 MB
-  // y otherwise).
-  const int64_t kg = std::max(kGroups, kPackedBytes / (vecs * kPacked * 4) / kGroups * kGroups);
-  struct Free {
-    void operator()(float* p) const { std::free(p); }
-  };
-  std::unique_ptr<float[], Free> packed(static_cast<float*>(
-      std::aligned_alloc(64, static_cast<size_t>(vecs * std::min(kg, L.groups) * kPacked * 4))));
-  for (int64_t rb = r0; rb < r1; rb += block) {
-    const int64_t re = std::min(rb + block, r1), nv = (re - rb + 15) / 16;
-    const int64_t tail = re - (rb + 16 * (nv - 1));  // rows in the last register row
-    for (int64_t g0 = 0; g0 < L.groups; g0 += kg) {
-      const int64_t ng = std::min(kg, L.groups - g0);
-      const bool first = g0 == 0, final = g0 + ng >= L.groups;
-      for (int64_t v = 0; v < nv; ++v) pack(a, rb + 16 * v, re, g0, ng, packed.get() + v * ng * kPacked);
-      // The next K block's rows (or the next block's first) into L2, spread over the tiles.
-      LaneRowPrefetch next;
-      if (!final) {
-        next.start(a, 4, rb, re, g0 + kg, kg);
-      } else {
-        next.start(a, 4, re, std::min(re + block, r1), 0, kg);
-      }
-      const int64_t count = (a.batch + kNB - 1) / kNB * ((nv + kMR - 1) / kMR);
-      const int64_t per = (next.remaining() + count - 1) / count;
-      for (int64_t b0 = 0; b0 < a.batch; b0 += kNB) {
-        const int nb = static_cast<int>(std::min<int64_t>(kNB, a.batch - b0));
-        const float* x[kNB];
-        rows.rows(b0, nb, x);
-        const int64_t* goff = rows.goff + g0;
+  lanes_forward<kMR, kNB, float>(
+      a, r0, r1, rows, kBlockRows, kGroups, kPackedBytes, kPacked, 4,
+      [&](int64_t rv, int64_t rend, int64_t g0, int64_t ng, float* out) { pack(a, rv, rend, g0, ng, out); },
+      [&](int mr, int nb, const float* pv, int64_t ng, const float* const* x, const int64_t* goff,
+          const int64_t* goff2, const uint8_t* gsplit, int64_t r, __mmask16 last, bool first,
+          bool /*final: the sums stay in a.y*/, int64_t b0) {
         float* yb = a.y + b0 * a.ldy;
-        for (int64_t v = 0; v < nv; v += kMR) {
-          const int mr = static_cast<int>(std::min<int64_t>(kMR, nv - v));
-          const __mmask16 last = static_cast<__mmask16>(
-              v + mr == nv && tail < 16 ? (1u << tail) - 1 : 0xFFFF);
-          const float* pv = packed.get() + v * ng * kPacked;
-          if (rows.gsplit != nullptr) {
-            tiles_mr<true>(mr, nb, pv, ng, x, goff, rows.goff2 + g0, rows.gsplit + g0,
-                           rb + 16 * v, last, a.bias, first, yb, a.ldy);
-          } else {
-            tiles_mr<false>(mr, nb, pv, ng, x, goff, nullptr, nullptr, rb + 16 * v, last, a.bias,
-                            first, yb, a.ldy);
-          }
-          next.step(per);
+        if (gsplit != nullptr) {
+          tiles_mr<true>(mr, nb, pv, ng, x, goff, goff2, gsplit, r, last, a.bias, first, yb, a.ldy);
+        } else {
+          tiles_mr<false>(mr, nb, pv, ng, x, goff, nullptr, nullptr, r, last, a.bias, first, yb,
+                          a.ldy);
         }
-      }
-    }
-  }
+      });
 }
 
 }  // namespace spmm_avx512
