@@ -36,6 +36,8 @@ const SpmmKernels& spmm_active_kernels();  // nm_linear.cpp
 
 at::Tensor decompress_dense(const at::Tensor& values, const at::Tensor& metadata, int64_t k,
                             int64_t n, int64_t m);  // nm_linear.cpp
+const float* bias_as_float(const std::optional<at::Tensor>& bias,
+                           std::vector<float>& buf);  // nm_linear.cpp
 
 namespace {
 
@@ -170,13 +172,13 @@ at::Tensor conv_lanes_forward(const SpmmKernels& kern, const at::Tensor& x, cons
                             .contiguous();
   const int64_t hp = xn.size(1), wp = xn.size(2);
   const at::Tensor values_c = values.contiguous(), meta_c = metadata.contiguous();
-  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  std::vector<float> bias_buf;
+  const float* bias_p = bias_as_float(bias, bias_buf);
   at::Tensor yn = at::empty({batch, out_h, out_w, rows}, x.options());
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   SpmmArgs a{values_c.const_data_ptr(), bf16 ? ValueType::kBFloat16 : ValueType::kFloat32,
-             meta_c.const_data_ptr<uint8_t>(), L, rows, 0, nullptr, nullptr, nullptr,
-             bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr, 0, true, nullptr, 0,
-             bf16 ? nullptr : yn.data_ptr<float>(), rows};
+             meta_c.const_data_ptr<uint8_t>(), L, rows, 0, nullptr, nullptr, nullptr, bias_p, 0,
+             true, nullptr, 0, bf16 ? nullptr : yn.data_ptr<float>(), rows};
   a.batch = batch * out_h * out_w;
   auto describe = [&](auto& src, const auto* data) {
     src.x = data;
@@ -348,14 +350,15 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
   // fp16 values widen once (the kernels read fp32 or bf16 in place).
   const at::Tensor values_k = (dtype == at::kHalf ? values.to(at::kFloat) : values).contiguous();
   const at::Tensor meta_c = metadata.contiguous();
-  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  std::vector<float> bias_buf;
+  const float* bias_p = bias_as_float(bias, bias_buf);
   ConvArgs args{values_k.const_data_ptr(),
                 values_k.scalar_type() == at::kBFloat16 ? ValueType::kBFloat16 : ValueType::kFloat32,
                 meta_c.const_data_ptr<uint8_t>(),
                 L,
                 koff.data(),
                 xq.const_data_ptr<float>(),
-                bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr,
+                bias_p,
                 seg.data(),
                 seg_begin.data(),
                 static_cast<int64_t>(seg_begin.size()) - 1,

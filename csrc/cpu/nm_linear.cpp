@@ -31,6 +31,24 @@ at::Tensor decompress_dense(const at::Tensor& values, const at::Tensor& metadata
   return op.call(values, metadata, k, n, m);
 }
 
+// The bias as the kernels take it (fp32): a contiguous fp32 bias in place, any other
+// converted into buf. A bf16 model's bias converted by hand, not by a dispatched
+// Tensor::to (half a microsecond per call: decoding calls hundreds of layers per token).
+const float* bias_as_float(const std::optional<at::Tensor>& bias, std::vector<float>& buf) {
+  if (!bias.has_value()) return nullptr;
+  const at::Tensor& b = *bias;
+  if (b.scalar_type() == at::kFloat && b.is_contiguous()) return b.const_data_ptr<float>();
+  buf.resize(static_cast<size_t>(b.numel()));
+  if (b.scalar_type() == at::kBFloat16 && b.is_contiguous()) {
+    const at::BFloat16* p = b.const_data_ptr<at::BFloat16>();
+    for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<float>(p[i]);
+  } else {
+    const at::Tensor f = b.to(at::kFloat).contiguous();
+    std::memcpy(buf.data(), f.const_data_ptr<float>(), buf.size() * sizeof(float));
+  }
+  return buf.data();
+}
+
 namespace {
 
 bool cpu_supports(const char* isa) {
@@ -183,24 +201,6 @@ uint32_t* pair_scratch(int64_t words) {
     have = words;
   }
   return buf.get();
-}
-
-// The bias as the kernels take it (fp32): a contiguous fp32 bias in place, any other
-// converted into buf. A bf16 model's bias converted by hand, not by a dispatched
-// Tensor::to (half a microsecond per call: decoding calls hundreds of layers per token).
-const float* bias_as_float(const std::optional<at::Tensor>& bias, std::vector<float>& buf) {
-  if (!bias.has_value()) return nullptr;
-  const at::Tensor& b = *bias;
-  if (b.scalar_type() == at::kFloat && b.is_contiguous()) return b.const_data_ptr<float>();
-  buf.resize(static_cast<size_t>(b.numel()));
-  if (b.scalar_type() == at::kBFloat16 && b.is_contiguous()) {
-    const at::BFloat16* p = b.const_data_ptr<at::BFloat16>();
-    for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<float>(p[i]);
-  } else {
-    const at::Tensor f = b.to(at::kFloat).contiguous();
-    std::memcpy(buf.data(), f.const_data_ptr<float>(), buf.size() * sizeof(float));
-  }
-  return buf.data();
 }
 
 // Batch rows per pass: as many vector registers as the kernels unroll.
