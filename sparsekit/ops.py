@@ -263,10 +263,7 @@ def _nm_decompress_backward(ctx, g):
     # dense = scatter(values): the values' gradient gathers g at the kept columns.
     (metadata,) = ctx.saved_tensors
     k, n, m = ctx.pattern
-    cols, inside = reference.kept_columns(metadata, k, n, m)
-    if k == 0:
-        return g.new_zeros(cols.shape), None, None, None, None
-    return torch.gather(g, 1, cols) * inside, None, None, None, None
+    return reference.kept_entries(g, metadata, k, n, m), None, None, None, None
 
 
 torch.library.register_autograd(f"{NAMESPACE}::nm_decompress", _nm_decompress_backward,
@@ -342,8 +339,8 @@ def _nm_conv2d_backward(ctx, grad_out):
             grad_out, x, w, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
             [need_x, need_values, False])
         if need_values:
-            cols, inside = reference.kept_columns(metadata, k, n, m)
-            grad_values = torch.gather(grad_w.permute(0, 2, 3, 1).reshape(rows, k), 1, cols) * inside
+            grad_values = reference.kept_entries(grad_w.permute(0, 2, 3, 1).reshape(rows, k),
+                                                 metadata, k, n, m)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad_out.sum((0, 2, 3))
     return (grad_x, grad_values, None, grad_bias) + (None,) * 8

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["index_bits", "nm_mask", "nm_compress", "nm_decompress", "pack_bits", "unpack_bits",
-           "kept_columns", "nm_linear", "nm_linear_grad_input", "nm_sddmm", "nm_conv2d",
+           "kept_columns", "kept_entries", "nm_linear", "nm_linear_grad_input", "nm_sddmm", "nm_conv2d",
            "pack_mask_bits",
            "unpack_mask_bits", "dense_mask", "masked_linear", "masked_linear_grad_input",
            "masked_linear_grad_weight", "bitmask_compress", "bitmask_kept", "bitmask_decompress",
@@ -160,16 +160,22 @@ def kept_columns(metadata: torch.Tensor, k: int, n: int, m: int):
     return cols.clamp(max=max(k - 1, 0)), cols < k
 
 
+def kept_entries(dense: torch.Tensor, metadata: torch.Tensor, k: int, n: int, m: int):
+    """dense [rows, k] at every kept (r, j), in the values layout [rows, ceil(k/m)*n] (0 in
+    K's padding slots): the values' gradient from a dense weight's (differentiable)."""
+    cols, inside = kept_columns(metadata, k, n, m)
+    if k == 0:
+        return dense.new_zeros(cols.shape)
+    return torch.gather(dense, 1, cols) * inside
+
+
 def nm_sddmm(grad_out, x, metadata, k: int, n: int, m: int) -> torch.Tensor:
     """Gradient of the kept values: (grad_out^T @ x)[r, col(r, j)] for every kept (r, j),
     in the values layout [rows, ceil(k/m)*n]."""
     rows = metadata.shape[0]
     batch = x.shape[:-1].numel()  # not -1: k or rows may be 0
     dense = grad_out.reshape(batch, rows).t() @ x.reshape(batch, k)  # [rows, k]
-    cols, inside = kept_columns(metadata, k, n, m)
-    if k == 0:
-        return dense.new_zeros(cols.shape)
-    return torch.gather(dense, 1, cols) * inside
+    return kept_entries(dense, metadata, k, n, m)
 
 
 def nm_conv2d(x, values, metadata, bias, in_channels: int, kh: int, kw: int, stride, padding,
