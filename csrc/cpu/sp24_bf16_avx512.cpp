@@ -162,6 +162,102 @@ void rows_pass(const SpmmArgs& a, int64_t r, const Consts& k) {
 
 static_assert(kBatch == 4 && kRows == 4, "the remainder switches cover 1..3");
 
+// ---------------------------------------------------------------------------------------
+// One row of x (decoding): every weight row is read once, from memory, and the kernel's
+// speed is how fast it streams them. Passes of 16 rows take each row whole, in address
+// order (the values and the metadata are two sequential streams, which the hardware
+// prefetchers follow), and prefetch into L2 a fixed distance ahead of both streams, deep
+// enough to cover the memory latency; the R-row passes above read R interleaved streams,
+// prefetched into L1, and reached less of the memory bandwidth. The 16 sums are reduced
+// together into one register (a transposing add tree) instead of one horizontal sum per
+// row: with K = 576 a row is only 9 chunks.
+constexpr int kRows1 = 16;
+constexpr int64_t kAheadBytes = 8 << 10;  // prefetch distance in the values stream
+
+// Lane j of the result: the sum of all 16 lanes of acc[j].
+inline __m512 sum16(const __m512 (&acc)[16]) {
+  __m512 c[8], d[4];
+  for (int i = 0; i < 8; ++i) {  // 128-bit quarters: [A0+A2, A1+A3, B0+B2, B1+B3]
+    const __m512 a = acc[2 * i], b = acc[2 * i + 1];
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int i = 0; i < 4; ++i) {  // quarter q of d[i]: 4 partial sums of row 4i + q
+    const __m512 a = c[2 * i], b = c[2 * i + 1];
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+  }
+  const __m512 e01 = _mm512_add_ps(_mm512_unpacklo_ps(d[0], d[1]), _mm512_unpackhi_ps(d[0], d[1]));
+  const __m512 e23 = _mm512_add_ps(_mm512_unpacklo_ps(d[2], d[3]), _mm512_unpackhi_ps(d[2], d[3]));
+  const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(e01, e23, 0x44), _mm512_shuffle_ps(e01, e23, 0xEE));
+  // Lane 4q + j of f holds row 4j + q.
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(order, f);
+}
+
+// fp32 -> bf16 in 16 lanes, as float_to_bf16.
+inline __m256i floats_to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v), high = _mm512_srli_epi32(bits, 16);
+  const __m512i odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, high, _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+
+// Chunk c of one weight row (values v, metadata mp) times x's only row, added to sum.
+inline __m512 row_chunk(__m512 sum, const uint16_t* x, const uint16_t* v, const uint8_t* mp, int64_t c,
+                        const Consts& k) {
+  uint64_t m;
+  std::memcpy(&m, mp + 8 * c, 8);
+  const __m512i xs = _mm512_permutex2var_epi16(_mm512_loadu_si512(x + 64 * c), chunk_indices(m, k),
+                                               _mm512_loadu_si512(x + 64 * c + 32));
+  return _mm512_dpbf16_ps(sum, reinterpret_cast<__m512bh>(_mm512_loadu_si512(v + 32 * c)),
+                          reinterpret_cast<__m512bh>(xs));
+}
+
+// Rows [r, r + 16) times x's only row, over all K.
+void pass_one_row(const SpmmArgs& a, int64_t r, const Consts& k) {
+  const NMLayout& L = a.layout;
+  const int64_t full = L.groups / 16;
+  const int64_t tail_groups = L.groups - 16 * full;
+  const int64_t vpr = L.values_per_row, mpr = L.meta_bytes_per_row;
+  const uint16_t* vals = static_cast<const uint16_t*>(a.values) + r * vpr;
+  const uint8_t* meta = a.metadata + r * mpr;
+  // Every 64 bytes of values come with 8 of metadata: both streams, the same way ahead.
+  constexpr int64_t ahead_values = kAheadBytes / 2, ahead_meta = kAheadBytes / 8;
+  __m512 acc[kRows1];
+  for (int i = 0; i < kRows1; ++i) {
+    const uint16_t* v = vals + i * vpr;
+    const uint8_t* mp = meta + i * mpr;
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t c = 0; c < full; ++c) {
+      prefetch_l2(v + 32 * c + ahead_values);
+      if ((c & 7) == 0) prefetch_l2(mp + 8 * c + ahead_meta);
+      sum = row_chunk(sum, a.x16, v, mp, c, k);
+    }
+    if (tail_groups > 0) {
+      // As in pass: the last chunk's values and metadata end inside it (masked loads; the
+      // indices past them point into x's zero padding).
+      uint64_t m = 0;
+      std::memcpy(&m, mp + 8 * full, static_cast<size_t>((tail_groups + 1) / 2));
+      const __m512i xs = _mm512_permutex2var_epi16(_mm512_loadu_si512(a.x16 + 64 * full), chunk_indices(m, k),
+                                                   _mm512_loadu_si512(a.x16 + 64 * full + 32));
+      const __mmask32 vmask = (__mmask32{1} << (2 * tail_groups)) - 1;
+      sum = _mm512_dpbf16_ps(sum, reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(vmask, v + 32 * full)),
+                             reinterpret_cast<__m512bh>(xs));
+    }
+    acc[i] = sum;
+  }
+  __m512 y = sum16(acc);
+  if (a.bias != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(a.bias + r));
+  if (a.y16 != nullptr) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.y16 + r), floats_to_bf16(y));
+  } else {
+    _mm512_storeu_ps(a.y + r, y);
+  }
+}
+
 }  // namespace
 
 // Rows [r0, r1) for every row of x: a.x16 (bf16, [a.batch, a.ldx], ldx a multiple of 64 and
@@ -169,6 +265,17 @@ static_assert(kBatch == 4 && kRows == 4, "the remainder switches cover 1..3");
 void forward_2_4_bf16(const SpmmArgs& a, int64_t r0, int64_t r1, float* /*scratch*/) {
   const Consts k = make_consts();
   int64_t r = r0;
+  if (a.batch == 1) {
+    // The first kAheadBytes of this thread's rows at once, where pass_one_row's prefetches
+    // start: a decoder's layers are only a few hundred KB per thread.
+    const NMLayout& L = a.layout;
+    const auto* v0 = reinterpret_cast<const char*>(static_cast<const uint16_t*>(a.values) + r0 * L.values_per_row);
+    const auto* m0 = reinterpret_cast<const char*>(a.metadata + r0 * L.meta_bytes_per_row);
+    const int64_t head = std::min<int64_t>((r1 - r0) * L.values_per_row * 2, kAheadBytes);
+    for (int64_t o = 0; o < head; o += 64) prefetch_l2(v0 + o);
+    for (int64_t o = 0; o < head / 8; o += 64) prefetch_l2(m0 + o);
+    for (; r + kRows1 <= r1; r += kRows1) pass_one_row(a, r, k);
+  }
   for (; r + kRows <= r1; r += kRows) rows_pass<kRows>(a, r, k);
   switch (r1 - r) {
     case 1: rows_pass<1>(a, r, k); break;
