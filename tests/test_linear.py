@@ -258,14 +258,40 @@ def check_2_4_with_inf_at_pruned_columns(batch, k, rows, dtype=torch.bfloat16):
     return t, x
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 6, 9])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 9, 16, 35])
 @pytest.mark.parametrize("batch", [1, 2, 4, 5, 7, 11])
 @pytest.mark.parametrize("k", [4, 61, 64, 127, 192, 257])
 def test_bf16_2_4_every_row_and_batch_remainder(isa, rows, batch, k):
     # The bf16 dot-product forward (avx512bf16) works on 4 weight rows by 4 rows of x and
-    # 64-column chunks: every remainder of each, and K ending inside a chunk and a group.
-    # Inf at pruned columns of x must not reach y (only kept entries are gathered).
+    # 64-column chunks, and at one row of x on 16 weight rows per pass (rows 16 and 35: one
+    # and two passes, then the 4-row passes): every remainder of each, and K ending inside
+    # a chunk and a group. Inf at pruned columns of x must not reach y (only kept entries
+    # are gathered).
     check_2_4_with_inf_at_pruned_columns(batch, k, rows)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bf16_2_4_rounds_like_torch_and_keeps_nan(isa, batch):
+    # Sums exact in fp32 but not in bf16 (ties such as 259 = 258 + 1 round to even: 260,
+    # 263 -> 264; 515 -> 516), so y must equal torch's rounding of them exactly: a kernel
+    # that truncated, or rounded ties away, fails. Rows 0-31 take the one-row kernel's two
+    # 16-row passes at batch 1, rows 32-34 the 4-row passes; one kept value is NaN.
+    k, rows = 64, 35
+    targets = torch.tensor([259., 263., 515., 257., 262., 1031., 3., 261.]).repeat(5)[:rows]
+    w = torch.zeros(rows, k)
+    w[:, 0] = 255.
+    w[:, 1] = targets - 255.  # every value an integer of at most 8 bits: exact in bf16
+    w[:, 4] = -1.
+    w[:, 5] = 1.
+    values, metadata = ops.nm_compress(w.to(torch.bfloat16), 2, 4)
+    values[20, 0] = float("nan")
+    bias = torch.full((rows,), 2., dtype=torch.bfloat16)
+    x = torch.ones(batch, k, dtype=torch.bfloat16)
+    y = ops.nm_linear(x, values, metadata, bias, k, 2, 4)
+    expected = (targets + 2.).to(torch.bfloat16).expand(batch, rows).clone()
+    expected[:, 20] = float("nan")
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y.nan_to_num(0.), expected.nan_to_num(0.))
 
 
 def test_isa_fixture_forces_the_variant(isa):
