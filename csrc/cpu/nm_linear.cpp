@@ -327,8 +327,11 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
                       bias);
   }
   const int64_t batch = leading_numel(x);
-  const at::Tensor x2 = x.reshape({batch, k});
-  at::Tensor y = at::empty({batch, rows}, x.options());
+  at::Tensor y_out = at::empty(with_last(x, rows), x.options());
+  // The bf16 and small-batch paths read x and write y through pointers, which a contiguous
+  // x and the new y give without a reshape: decoding calls every layer with a [1, 1, k] x,
+  // and each reshape or view is a dispatched call. The other paths take 2-D tensors.
+  const bool x_contiguous = x.is_contiguous();
   const SpmmKernels& kern = active_kernels();
   const int64_t kp = L.groups * L.m;
   const at::Tensor values_c = values.contiguous(), meta_c = metadata.contiguous();
@@ -341,17 +344,17 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     // x is used in place when its rows are already whole chunks (K a multiple of 64), as
     // in most models; y is written as bf16 directly (one rounding of the fp32 sum).
     const int64_t ldx = round_up(kp, 64);
-    at::Tensor x16 = x2;
-    if (k != ldx || !x2.is_contiguous()) {
+    at::Tensor x16 = x;
+    if (k != ldx || !x_contiguous) {
       x16 = at::zeros({batch, ldx}, x.options());
-      x16.narrow(1, 0, k).copy_(x2);
+      x16.narrow(1, 0, k).copy_(x.reshape({batch, k}));
     }
     SpmmArgs a{values_c.const_data_ptr(), ValueType::kBFloat16, meta_c.const_data_ptr<uint8_t>(),
                L, rows, 0, nullptr, nullptr, nullptr, bias_p, 0, true, nullptr, 0, nullptr, rows};
     a.x16 = reinterpret_cast<const uint16_t*>(x16.const_data_ptr<at::BFloat16>());
     a.ldx = ldx;
     a.batch = batch;
-    a.y16 = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+    a.y16 = reinterpret_cast<uint16_t*>(y_out.data_ptr<at::BFloat16>());
     if (kern.forward_2_4_bf16_lanes != nullptr && batch >= bf16_pairs_batch() && bf16_batch_lanes() &&
         L.groups > 0) {  // (K = 0: the bias alone, below)
       // Many rows of x, the lanes form: threads split the weight rows (whole registers of
@@ -399,35 +402,44 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
         kern.forward_2_4_bf16(a, r0, r1, nullptr);
       });
     }
-    return y.view(with_last(x, rows));
+    return y_out;
   }
   if (n == 2 && m == 4 && kern.forward_2_4[0] != nullptr && batch <= small_batch_limit()) {
     // Small batch: x rows stay row-major, up to 8 per pass over the compressed weight.
     // An fp32 x whose rows are whole 32-column chunks is read in place and y written
     // directly (decoding calls every layer with one row: no copies, no allocations).
     const int64_t ldx = round_up(kp, 32);
-    const bool fp32 = x2.scalar_type() == at::kFloat;
-    const bool x_in_place = fp32 && k == ldx && x2.is_contiguous();
+    const bool fp32 = x.scalar_type() == at::kFloat;
+    const bool x_in_place = fp32 && k == ldx && x_contiguous;
+    const at::Tensor x2 = x_in_place ? x : x.reshape({batch, k});
     for (int64_t b0 = 0; b0 < batch; b0 += kSmallTile) {
       const int64_t tb = std::min<int64_t>(kSmallTile, batch - b0);
-      at::Tensor xb = x2.narrow(0, b0, tb);
+      const float* xb = x_in_place ? x.const_data_ptr<float>() + b0 * k : nullptr;
+      at::Tensor xb_copy, yb_copy;
       if (!x_in_place) {
-        xb = at::zeros({tb, ldx}, x.options().dtype(at::kFloat));
-        xb.narrow(1, 0, k).copy_(x2.narrow(0, b0, tb));
+        xb_copy = at::zeros({tb, ldx}, x.options().dtype(at::kFloat));
+        xb_copy.narrow(1, 0, k).copy_(x2.narrow(0, b0, tb));
+        xb = xb_copy.const_data_ptr<float>();
       }
-      at::Tensor yb = fp32 ? y.narrow(0, b0, tb) : at::empty({tb, rows}, x.options().dtype(at::kFloat));
+      float* yb = fp32 ? y_out.data_ptr<float>() + b0 * rows : nullptr;
+      if (!fp32) {
+        yb_copy = at::empty({tb, rows}, x.options().dtype(at::kFloat));
+        yb = yb_copy.data_ptr<float>();
+      }
       SpmmArgs a{values_c.const_data_ptr(), value_type(values), meta_c.const_data_ptr<uint8_t>(),
                  L, rows, 0, nullptr, nullptr, nullptr, bias_p, small_block_groups(tb), true,
-                 xb.const_data_ptr<float>(), ldx, yb.data_ptr<float>(), rows};
+                 xb, ldx, yb, rows};
       const RowKernel fn = kern.forward_2_4[tb - 1];
       at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
         float tail[32];  // the < 8 groups past the last whole 32-column chunk
         fn(a, r0, r1, tail);
       });
-      if (!fp32) y.narrow(0, b0, tb).copy_(yb);
+      if (!fp32) y_out.view({batch, rows}).narrow(0, b0, tb).copy_(yb_copy);
     }
-    return y.view(with_last(x, rows));
+    return y_out;
   }
+  const at::Tensor x2 = x.reshape({batch, k});
+  at::Tensor y = y_out.view({batch, rows});
   if (n == 2 && m == 4 && kern.forward_2_4_lanes != nullptr && fp32_batch_lanes() &&
       values.scalar_type() == at::kFloat && x2.scalar_type() == at::kFloat && kp == k &&
       x2.stride(1) == 1 && L.groups > 0) {  // (K = 0: the bias alone, below)
@@ -445,7 +457,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     at::parallel_for(0, vecs, 1, [&](int64_t v0, int64_t v1) {
       kern.forward_2_4_lanes(a, 16 * v0, std::min(rows, 16 * v1), src);
     });
-    return y.view(with_last(x, rows));
+    return y_out;
   }
   const int64_t tile = batch_tile(kern), tiles = (batch + tile - 1) / tile;
   if (x2.scalar_type() == at::kFloat && tiles > 1 && weight_bytes <= kSmallWeightBytes) {
@@ -474,7 +486,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
         transpose_into(yT.data(), ld, 1, rows, tb, yp + b0 * rows, rows);
       }
     });
-    return y.view(with_last(x, rows));
+    return y_out;
   }
   for_each_batch_tile(kern, batch, [&](int64_t b0, int64_t tb, int64_t ld) {
     const at::Tensor xT = transpose_tile(x2, b0, tb, kp, ld);
@@ -485,7 +497,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     run_kernel(pick(kern.forward_2_4_batch, kern.forward, L, ld, kern), a, rows, 16);
     y.narrow(0, b0, tb).copy_(yT.narrow(1, 0, tb).t());
   });
-  return y.view(with_last(x, rows));
+  return y_out;
 }
 
 at::Tensor nm_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& values,
