@@ -354,11 +354,14 @@ _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
-def _autocast_possible() -> bool:
-    """False only when autocast is off on every device: a 0.1 us question, where the full
-    one (autocast_linear_inputs) costs about 1 us, and decoding calls hundreds of layers per
-    token. Under torch.compile the full question is always asked (it traces it)."""
-    return _any_autocast is None or torch.compiler.is_compiling() or _any_autocast()
+def _autocast_product_inputs(x, values, bias):
+    """(x, values, bias) as autocast_linear_inputs gives them on x's device. When autocast
+    is off on every device, they are returned after a 0.1 us question, where the full one
+    (with x.device) costs about 1 us, and decoding calls hundreds of layers per token. Under
+    torch.compile the full question is always asked (it traces it)."""
+    if _any_autocast is not None and not torch.compiler.is_compiling() and not _any_autocast():
+        return x, values, bias
+    return autocast_linear_inputs(x.device.type, x, values, bias)
 
 
 def autocast_linear_inputs(device_type: str, *tensors):
@@ -379,8 +382,7 @@ def nm_linear(x, values, metadata, bias, k: int, n: int, m: int) -> torch.Tensor
     Differentiable in x, values and bias. Under torch.autocast it computes in the autocast
     dtype, as nn.Linear does (fp32 values are then cast and repacked on every call: for
     inference speed, convert the model with .half() or .bfloat16() instead)."""
-    if _autocast_possible():
-        x, values, bias = autocast_linear_inputs(x.device.type, x, values, bias)
+    x, values, bias = _autocast_product_inputs(x, values, bias)
     return torch.ops.sparsekit.nm_linear(x, values, metadata, bias, k, n, m)
 
 
@@ -404,8 +406,7 @@ def nm_conv2d(x, values, metadata, bias, in_channels: int, kh: int, kw: int, str
     differentiable in x, values and bias. stride, padding and dilation are (height, width)
     pairs of ints (padding='same' is SparseConv2d's job). Under torch.autocast it computes
     in the autocast dtype."""
-    if _autocast_possible():
-        x, values, bias = autocast_linear_inputs(x.device.type, x, values, bias)
+    x, values, bias = _autocast_product_inputs(x, values, bias)
     return torch.ops.sparsekit.nm_conv2d(x, values, metadata, bias, in_channels, kh, kw,
                                          list(stride), list(padding), list(dilation), n, m)
 
@@ -1166,8 +1167,7 @@ def bitmask_decompress(values, mask, offsets, k: int) -> torch.Tensor:
 def bitmask_linear(x, values, mask, offsets, bias, k: int) -> torch.Tensor:
     """y = x @ W^T (+ bias) with W = (values, mask, offsets) in the bitmask format, [rows, k].
     Differentiable in x, values and bias; honours torch.autocast like nm_linear."""
-    if _autocast_possible():
-        x, values, bias = autocast_linear_inputs(x.device.type, x, values, bias)
+    x, values, bias = _autocast_product_inputs(x, values, bias)
     return torch.ops.sparsekit.bitmask_linear(x, values, mask, offsets, bias, k)
 
 

@@ -205,15 +205,12 @@ inline __m256i floats_to_bf16(__m512 v) {
 
 inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
-// Chunk c of one weight row (values v, metadata mp) times x's only row, added to sum.
-inline __m512 row_chunk(__m512 sum, const uint16_t* x, const uint16_t* v, const uint8_t* mp, int64_t c,
-                        const Consts& k) {
-  uint64_t m;
-  std::memcpy(&m, mp + 8 * c, 8);
+// Chunk c of one weight row (its 32 values w, its 64 metadata bits m) times x's only row,
+// added to sum.
+inline __m512 row_chunk(__m512 sum, const uint16_t* x, __m512i w, uint64_t m, int64_t c, const Consts& k) {
   const __m512i xs = _mm512_permutex2var_epi16(_mm512_loadu_si512(x + 64 * c), chunk_indices(m, k),
                                                _mm512_loadu_si512(x + 64 * c + 32));
-  return _mm512_dpbf16_ps(sum, reinterpret_cast<__m512bh>(_mm512_loadu_si512(v + 32 * c)),
-                          reinterpret_cast<__m512bh>(xs));
+  return _mm512_dpbf16_ps(sum, reinterpret_cast<__m512bh>(w), reinterpret_cast<__m512bh>(xs));
 }
 
 // Rows [r, r + 16) times x's only row, over all K.
@@ -234,18 +231,17 @@ void pass_one_row(const SpmmArgs& a, int64_t r, const Consts& k) {
     for (int64_t c = 0; c < full; ++c) {
       prefetch_l2(v + 32 * c + ahead_values);
       if ((c & 7) == 0) prefetch_l2(mp + 8 * c + ahead_meta);
-      sum = row_chunk(sum, a.x16, v, mp, c, k);
+      uint64_t m;
+      std::memcpy(&m, mp + 8 * c, 8);
+      sum = row_chunk(sum, a.x16, _mm512_loadu_si512(v + 32 * c), m, c, k);
     }
     if (tail_groups > 0) {
       // As in pass: the last chunk's values and metadata end inside it (masked loads; the
       // indices past them point into x's zero padding).
       uint64_t m = 0;
       std::memcpy(&m, mp + 8 * full, static_cast<size_t>((tail_groups + 1) / 2));
-      const __m512i xs = _mm512_permutex2var_epi16(_mm512_loadu_si512(a.x16 + 64 * full), chunk_indices(m, k),
-                                                   _mm512_loadu_si512(a.x16 + 64 * full + 32));
       const __mmask32 vmask = (__mmask32{1} << (2 * tail_groups)) - 1;
-      sum = _mm512_dpbf16_ps(sum, reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(vmask, v + 32 * full)),
-                             reinterpret_cast<__m512bh>(xs));
+      sum = row_chunk(sum, a.x16, _mm512_maskz_loadu_epi16(vmask, v + 32 * full), m, full, k);
     }
     acc[i] = sum;
   }
